@@ -1,0 +1,1 @@
+"""The built-in exporter: game store format, encoding, cache and atomic .npz writing."""
