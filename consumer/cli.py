@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -27,10 +31,184 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return export_main(args)
 
 
+def _add_selfplay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("selfplay", help="play OpenSpiel games with MCTS and announce them")
+    p.add_argument("--nats-url", required=True)
+    p.add_argument("--games-dir", required=True)
+    p.add_argument("--game", required=True, help="OpenSpiel game string, e.g. tic_tac_toe")
+    p.add_argument("--board-type", required=True)
+    p.add_argument("--num-players", type=int, required=True)
+    p.add_argument("--games", type=int, required=True)
+    p.add_argument("--simulations", type=int, default=25, help="MCTS simulations per move")
+    p.add_argument("--node-id", help="default: the host name")
+    p.add_argument("--seed", type=int, help="the same seed replays the same games")
+    p.add_argument("--batch-size", type=int, help="games per announced batch (default: all)")
+    p.add_argument("--db-name", help="store path in the games dir (default: <node-id>.db)")
+    p.set_defaults(command=_cmd_selfplay)
+
+
+def _cmd_selfplay(args: argparse.Namespace) -> int:
+    from consumer.selfplay import selfplay_main
+
+    return selfplay_main(args)
+
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+def _nats_url(args: argparse.Namespace) -> str:
+    return args.nats_url or os.environ.get("AUTOEXPORT_NATS_URL") or DEFAULT_URL
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the export daemon")
+    p.add_argument("--nats-url", help="join this server (default: start an embedded one)")
+    p.add_argument("--config", help="TOML settings file")
+    p.add_argument("--data-dir", help="root of state, games, outputs (default ./data)")
+    p.add_argument("--games-dir")
+    p.add_argument("--output-dir")
+    p.add_argument("--state-db")
+    p.add_argument("--min-games", type=int, dest="min_games_threshold")
+    p.add_argument("--cooldown", type=float, dest="export_cooldown_seconds", metavar="SECONDS")
+    p.add_argument("--max-concurrent", type=int, dest="max_concurrent_exports")
+    p.add_argument("--export-timeout", type=float, dest="export_timeout_seconds", metavar="SECONDS")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument(
+        "--exit-when-idle",
+        action="store_true",
+        help="stop once every event is counted and no export runs or waits",
+    )
+    p.set_defaults(command=_cmd_run)
+
+
+RUN_FLAGS = (
+    "nats_url", "data_dir", "games_dir", "output_dir", "state_db", "min_games_threshold",
+    "export_cooldown_seconds", "max_concurrent_exports", "export_timeout_seconds", "log_format",
+)  # fmt: skip
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from consumer.daemon import serve
+    from consumer.logs import setup_logging
+    from schemas.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(
+            os.environ, args.config, {name: getattr(args, name) for name in RUN_FLAGS}
+        )
+    except SettingsError as exc:
+        print(f"autoexport: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    return serve(settings, exit_when_idle=args.exit_when_idle)
+
+
+def _add_publish(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("publish", help="publish a selfplay or sync event (for scripts)")
+    kinds = p.add_subparsers(required=True, metavar="KIND")
+    for kind, help_text in (("selfplay", "selfplay.complete"), ("sync", "data.sync.completed")):
+        k = kinds.add_parser(kind, help=f"publish {help_text}.<config>")
+        k.add_argument("--nats-url")
+        k.add_argument("--board-type", required=True)
+        k.add_argument("--num-players", type=int, required=True)
+        k.add_argument("--event-id", help="default: a new UUID")
+        if kind == "selfplay":
+            k.add_argument("--games", type=int, required=True)
+            k.add_argument("--node-id", default=socket.gethostname())
+            k.add_argument("--batch-id", help="default: the event id")
+            k.add_argument("--db-path", help="store path relative to the games directory")
+        else:
+            k.add_argument("--source-node", default=socket.gethostname())
+            group = k.add_mutually_exclusive_group(required=True)
+            group.add_argument(
+                "--batch",
+                action="append",
+                metavar="BATCH_ID:GAMES",
+                help="a synced batch (repeatable)",
+            )
+            group.add_argument("--games-synced", type=int)
+        k.set_defaults(command=_cmd_publish, kind=kind)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from consumer.operator import build_event, publish_event
+
+    try:
+        event = build_event(vars(args))
+    except (msgspec.ValidationError, ValueError) as exc:
+        print(f"autoexport: invalid event: {exc}", file=sys.stderr)
+        return 2
+    ack = asyncio.run(publish_event(_nats_url(args), event))
+    print(json.dumps({"event_id": event.event_id, **ack}))
+    return 0
+
+
+def _add_operator(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="ask the running daemon (or read a state file)")
+    p.add_argument("--nats-url")
+    p.add_argument("--state-db", help="read a stopped daemon's state file instead")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(command=_cmd_status)
+    for name, help_text in (
+        ("export-now", "export CONFIG now, bypassing threshold, cooldown and backoff"),
+        ("pause", "stop exporting CONFIG until resumed (games are still counted)"),
+        ("resume", "resume exporting CONFIG"),
+    ):
+        q = sub.add_parser(name, help=help_text)
+        q.add_argument("config", metavar="CONFIG", help="e.g. hex8_2p")
+        q.add_argument("--nats-url")
+        q.set_defaults(command=_cmd_config_request, request=name)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from consumer.operator import (
+        DaemonUnreachable,
+        render_status,
+        request,
+        status_from_file,
+    )
+    from schemas.subjects import STATUS_SUBJECT
+
+    try:
+        if args.state_db:
+            status = asyncio.run(status_from_file(args.state_db))
+        else:
+            status = asyncio.run(request(_nats_url(args), STATUS_SUBJECT))
+    except DaemonUnreachable as exc:
+        print(f"autoexport: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def _cmd_config_request(args: argparse.Namespace) -> int:
+    from consumer.operator import DaemonUnreachable, RequestRefused, request
+    from schemas import subjects
+
+    subject = {
+        "export-now": subjects.EXPORT_NOW_SUBJECT,
+        "pause": subjects.PAUSE_SUBJECT,
+        "resume": subjects.RESUME_SUBJECT,
+    }[args.request]
+    try:
+        reply = asyncio.run(request(_nats_url(args), subject, {"config": args.config}))
+    except (DaemonUnreachable, RequestRefused) as exc:
+        print(f"autoexport: {args.request} {args.config}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoexport", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_publish(sub)
+    _add_operator(sub)
     _add_export(sub)
+    _add_selfplay(sub)
     return parser
 
 
