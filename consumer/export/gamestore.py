@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -126,19 +125,24 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def policy_problem(actions: np.ndarray, probs: np.ndarray, num_actions: int) -> str | None:
-    """Why one move's sparse policy is unusable, or None if it is fine."""
-    if actions.shape != probs.shape or actions.ndim != 1 or actions.size == 0:
-        return "policy ids and probabilities must be non-empty 1-d arrays of equal length"
-    if actions.min() < 0 or actions.max() >= num_actions:
-        return f"policy action ids must lie in [0, {num_actions})"
-    if np.unique(actions).size != actions.size:
-        return "policy action ids must be unique"
-    if not np.all(np.isfinite(probs)) or probs.min() < 0:
-        return "policy probabilities must be finite and >= 0"
-    if abs(float(probs.sum(dtype=np.float64)) - 1.0) > POLICY_SUM_TOLERANCE:
-        return f"policy probabilities must sum to 1 (+/- {POLICY_SUM_TOLERANCE})"
-    return None
+def policy_rows_bad(
+    ids: np.ndarray, probs: np.ndarray, counts: np.ndarray, num_actions: int
+) -> np.ndarray:
+    """Per policy row (``counts[i]`` >= 1 entries each): ids out of range or repeated, or
+    probabilities negative, non-finite or not summing to 1."""
+    rows = len(counts)
+    if rows == 0:
+        return np.zeros(0, dtype=bool)
+    row_of_entry = np.repeat(np.arange(rows), counts)
+    entry_bad = (ids < 0) | (ids >= num_actions) | ~np.isfinite(probs) | (probs < 0)
+    bad = np.bincount(row_of_entry, weights=entry_bad, minlength=rows) > 0
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    sums = np.add.reduceat(probs.astype(np.float64), starts)
+    bad |= ~(np.abs(sums - 1.0) <= POLICY_SUM_TOLERANCE)
+    keys = np.sort(row_of_entry * num_actions + np.clip(ids, 0, num_actions - 1))
+    repeated = keys[1:] == keys[:-1]
+    bad[keys[1:][repeated] // num_actions] = True
+    return bad
 
 
 def winner_of(returns: Sequence[float]) -> int | None:
@@ -271,9 +275,16 @@ class GameWriter:
             raise ValueError(f"action {action} outside [0, {spec.num_actions})")
         ids = np.asarray(policy_actions, dtype="<i4")
         probs = np.asarray(policy_probs, dtype="<f4")
-        problem = policy_problem(ids, probs, spec.num_actions)
-        if problem is not None:
-            raise ValueError(problem)
+        if (
+            ids.ndim != 1
+            or ids.shape != probs.shape
+            or ids.size == 0
+            or policy_rows_bad(ids, probs, np.array([ids.size]), spec.num_actions)[0]
+        ):
+            raise ValueError(
+                f"policy: 1-d, non-empty, unique action ids in [0, {spec.num_actions}) "
+                f"with probabilities >= 0 summing to 1 (+/- {POLICY_SUM_TOLERANCE})"
+            )
         self._moves.append(
             (
                 len(self._moves),
@@ -389,16 +400,6 @@ class GameRow(Struct, frozen=True):
     num_players: int
 
 
-class MoveRow(Struct, frozen=True, array_like=True):
-    game_id: str
-    move_number: int
-    player: int
-    action: int
-    state: bytes
-    policy_actions: bytes
-    policy_probs: bytes
-
-
 def _classify(exc: sqlite3.Error, path: Path) -> StoreError:
     text = str(exc)
     if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
@@ -445,16 +446,22 @@ class StoreReader:
         except sqlite3.Error as exc:
             raise _classify(exc, self.path) from exc
 
-    def moves(self, game_ids: Sequence[str]) -> Iterator[MoveRow]:
-        """The moves of ``game_ids`` (at most a few hundred), grouped by game in order."""
+    def count_games(self) -> int:
+        try:
+            return self._conn.execute("SELECT count(*) FROM games").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise _classify(exc, self.path) from exc
+
+    def moves(self, game_ids: Sequence[str]) -> list[tuple]:
+        """The moves of ``game_ids`` (at most a few hundred games), grouped by game, as
+        (game_id, move_number, player, action, state, policy_actions, policy_probs)."""
         marks = ",".join("?" * len(game_ids))
         sql = (
             "SELECT game_id, move_number, player, action, state, policy_actions, policy_probs"
             f" FROM moves WHERE game_id IN ({marks}) ORDER BY game_id, move_number"
         )
         try:
-            for row in self._conn.execute(sql, list(game_ids)):
-                yield MoveRow(*row)
+            return self._conn.execute(sql, list(game_ids)).fetchall()
         except sqlite3.Error as exc:
             raise _classify(exc, self.path) from exc
 
@@ -472,17 +479,3 @@ def read_store_meta(path: str | Path) -> StoreMeta:
     """The meta of one store; raises a ``StoreError`` if it cannot be read."""
     with StoreReader(path) as reader:
         return reader.meta
-
-
-def open_reader_with_retry(
-    path: str | Path, *, attempts: int = 5, backoff_s: float = 0.2
-) -> StoreReader:
-    """Open a reader, retrying a locked store with exponential backoff."""
-    for attempt in range(attempts):
-        try:
-            return StoreReader(path)
-        except StoreLocked:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
