@@ -624,17 +624,17 @@ async def run_daemon(
         ]
         if exit_when_idle:
             tasks.append(asyncio.create_task(_stop_when_idle(stop, ingest, scheduler, outbox)))
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        stop.set()
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()  # one task ending (a bug) stops the rest
         scheduler.kick()
         outbox.notify()
         await asyncio.gather(*tasks, return_exceptions=True)
         await service.stop()
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("%s failed", task.get_name(), exc_info=task.exception())
-                return 1
-        return 0
+        failed = [t for t in tasks if not t.cancelled() and t.exception() is not None]
+        for task in failed:
+            log.error("%s failed", task.get_name(), exc_info=task.exception())
+        return 1 if failed else 0
     finally:
         await store.close()
         with contextlib.suppress(nats.errors.Error):
