@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -174,9 +174,7 @@ async def test_a_failing_job_announces_failure_and_backs_off_exponentially(
         assert [f.consecutive_failures for f in failures] == [1, 2, 3]
         assert failures[0].exit_code == 3
         assert "no usable games" in failures[0].error
-        gaps = [
-            (b.timestamp - a.timestamp).total_seconds() for a, b in itertools.pairwise(failures)
-        ]
+        gaps = [(b.timestamp - a.timestamp).total_seconds() for a, b in pairwise(failures)]
         # retry_at doubles: 0.3 s, then 0.6 s (plus the job's own run time).
         assert gaps[0] >= 0.3 - 0.05
         assert gaps[1] >= 0.6 - 0.05
