@@ -1,0 +1,163 @@
+"""The daemon as a real process: SIGKILL mid-stream, restarts, and a broker that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from consumer.embedded import EmbeddedServer
+from consumer.streams import ensure_streams
+from schemas.events import ExportCompleted, ExportStarted
+from tests.daemon_helpers import (
+    FAKE_JOB,
+    collect_exports,
+    daemon_settings,
+    pending,
+    publish_selfplay,
+    running_daemon,
+    selfplay_payload,
+    wait_for_status,
+)
+
+
+def start_daemon(
+    tmp_path: Path, url: str, *extra: str, mode: str = "ok"
+) -> subprocess.Popen[bytes]:
+    command = f"{sys.executable} {FAKE_JOB} {mode} {{output_path}} {{games_dir}}"
+    env = {**os.environ, "AUTOEXPORT_EXPORT_COMMAND": command}
+    argv = [sys.executable, "-m", "consumer.cli", "run", "--nats-url", url,
+            "--data-dir", str(tmp_path / "data"), *extra]  # fmt: skip
+    with (tmp_path / "daemon.log").open("ab") as log:
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def counted_games(state_db: Path) -> int:
+    """Read the daemon's committed counts from its state file, as an operator could."""
+    if not state_db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(state_db)) as db:
+        try:
+            row = db.execute("SELECT COALESCE(SUM(total_games), 0) FROM export_state").fetchone()
+        except sqlite3.OperationalError:  # the schema is not created yet
+            return 0
+    return int(row[0])
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+async def test_sigkill_mid_stream_then_restart_counts_every_game_exactly_once(
+    tmp_path: Path, nats_server: EmbeddedServer, nc: Client
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js)
+    events = 6000
+    # Every event twice under two message ids: redelivery and duplicates must both be harmless.
+    payloads = [selfplay_payload(1, batch_id=f"b{i}") for i in range(events)]
+    for i, payload in enumerate(payloads):
+        for copy in ("x", "y"):
+            await js.publish(
+                "selfplay.complete.hex8_2p", payload, headers={"Nats-Msg-Id": f"{i}{copy}"}
+            )
+
+    state_db = tmp_path / "data" / "export_daemon_state.db"
+    daemon = start_daemon(tmp_path, nats_server.url, "--min-games", "1000000")
+    try:
+        while counted_games(state_db) == 0:  # kill once it is visibly mid-stream
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+            await asyncio.sleep(0.005)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+    finally:
+        stop(daemon)
+    at_kill = counted_games(state_db)
+    assert 0 < at_kill < events, "the kill did not land mid-stream"
+
+    restarted = start_daemon(
+        tmp_path, nats_server.url, "--min-games", "1000000", "--exit-when-idle"
+    )
+    assert restarted.wait(60) == 0, (tmp_path / "daemon.log").read_text()
+    assert counted_games(state_db) == events
+    info = await js.consumer_info("SELFPLAY_EVENTS", "autoexport")
+    # The killed daemon's last fetch stays unacknowledged until ack_wait redelivers it, which
+    # then adds nothing: its batches are already counted.
+    assert info.num_pending == 0
+
+
+async def test_sigterm_stops_cleanly_and_state_is_readable_offline(
+    tmp_path: Path, nats_server: EmbeddedServer, nc: Client
+) -> None:
+    daemon = start_daemon(tmp_path, nats_server.url)
+    try:
+        await wait_for_status(nats_server.url, lambda s: True)
+        await publish_selfplay(nc, 42)
+        await wait_for_status(nats_server.url, lambda s: pending(s) == 42)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+    finally:
+        stop(daemon)
+    out = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "status", "--json",
+         "--state-db", str(tmp_path / "data" / "export_daemon_state.db")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert '"games_pending": 42' in out.stdout
+
+
+async def test_survives_the_server_going_away_and_its_consumer_being_deleted(
+    tmp_path: Path, nats_server: EmbeddedServer
+) -> None:
+    settings = daemon_settings(tmp_path, nats_server.url, min_games_threshold=10)
+    async with running_daemon(settings):
+        nc = await nats.connect(nats_server.url)
+        await publish_selfplay(nc, 3)
+        await wait_for_status(nats_server.url, lambda s: pending(s) == 3)
+        await nc.close()
+
+        nats_server.stop()
+        nats_server.start()  # same port, same store: the daemon reconnects by itself
+        nc = await nats.connect(nats_server.url)
+        exports = await collect_exports(nc)
+        await publish_selfplay(nc, 3)
+        await wait_for_status(nats_server.url, lambda s: pending(s) == 6)
+
+        await nc.jetstream().delete_consumer("SELFPLAY_EVENTS", settings.durable_name)
+        await publish_selfplay(nc, 4)  # only a re-created consumer can count this
+        started = await exports.next(timeout=30)
+        assert isinstance(started, ExportStarted) and started.games_pending == 10
+        assert isinstance(await exports.next(), ExportCompleted)
+        await nc.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-concurrent", "0", "max_concurrent_exports"),
+        ("--min-games", "-5", "min_games_threshold"),
+        ("--export-timeout", "0", "export_timeout_seconds"),
+    ],
+)
+def test_nonsense_settings_stop_the_start_with_one_line(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "run", "--data-dir", str(tmp_path), flag, value],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and value in lines[0], out.stderr
+    assert not (tmp_path / "export_daemon_state.db").exists()
