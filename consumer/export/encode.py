@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -91,14 +92,14 @@ def encode_batch(spec: StoreSpec, games: Sequence[GameRow], rows: Sequence[tuple
     """Encode ``games`` (which passed ``triage``) from their move rows, in game order.
 
     ``rows`` are (game_id, move_number, player, action, state, policy_actions,
-    policy_probs) tuples grouped by game. If a row holds a value of the wrong type, the
-    batch is encoded one game at a time so only the culprit is skipped.
+    policy_probs) tuples grouped by game. If a row holds a value of the wrong SQLite type,
+    the batch is encoded one game at a time so only the culprit is skipped.
     """
-    try:
-        return _encode(spec, games, rows)
-    except (TypeError, ValueError, OverflowError):
-        if len(games) == 1:
-            return Encoded(empty_arrays(spec), [], {games[0].game_id: "bad_moves"}, 0)
+    columns = _columns(rows)
+    if columns is not None:
+        return _encode(spec, games, columns)
+    if len(games) == 1:
+        return Encoded(empty_arrays(spec), [], {games[0].game_id: "bad_moves"}, 0)
     by_game: dict[str, list[tuple]] = {game.game_id: [] for game in games}
     for row in rows:
         by_game[row[0]].append(row)
@@ -106,14 +107,37 @@ def encode_batch(spec: StoreSpec, games: Sequence[GameRow], rows: Sequence[tuple
     return _concat(spec, parts)
 
 
+class _Columns(NamedTuple):
+    game_ids: tuple[str, ...]
+    move_numbers: tuple[int, ...]
+    players: tuple[int, ...]
+    actions: tuple[int, ...]
+    states: tuple[bytes, ...]
+    policy_ids: tuple[bytes, ...]
+    policy_probs: tuple[bytes, ...]
+
+
+def _columns(rows: Sequence[tuple]) -> _Columns | None:
+    """The rows as columns, or None if a value has the wrong type (SQLite does not
+    enforce column types, and other writers exist)."""
+    if not rows:
+        return _Columns((), (), (), (), (), (), ())
+    columns = _Columns(*zip(*rows, strict=True))
+    ints = chain(columns.move_numbers, columns.players, columns.actions)
+    blobs = chain(columns.states, columns.policy_ids, columns.policy_probs)
+    if {int}.issuperset(map(type, ints)) and {bytes}.issuperset(map(type, blobs)):
+        return columns
+    return None
+
+
 def _concat(spec: StoreSpec, parts: list[Encoded]) -> Encoded:
     arrays = {}
-    for name in chunk_layout(spec):
+    for name, (dtype, _) in chunk_layout(spec).items():
         pieces = [part.arrays[name] for part in parts]
         if name == "game_index":
             offsets = np.cumsum([0] + [len(part.kept) for part in parts[:-1]])
             pieces = [piece + offset for piece, offset in zip(pieces, offsets, strict=True)]
-        arrays[name] = np.concatenate(pieces)
+        arrays[name] = np.concatenate(pieces).astype(dtype, copy=False)
     return Encoded(
         arrays=arrays,
         kept=[game_id for part in parts for game_id in part.kept],
@@ -126,13 +150,11 @@ def _per_game_any(game_of_row: np.ndarray, flags: np.ndarray, num_games: int) ->
     return np.bincount(game_of_row, weights=flags, minlength=num_games) > 0
 
 
-def _encode(spec: StoreSpec, games: Sequence[GameRow], rows: Sequence[tuple]) -> Encoded:
+def _encode(spec: StoreSpec, games: Sequence[GameRow], columns: _Columns) -> Encoded:
     num_games, num_players, num_actions = len(games), spec.num_players, spec.num_actions
     position = {game.game_id: i for i, game in enumerate(games)}
-    n = len(rows)
-    game_ids, move_numbers, players, actions, states, policy_ids, policy_probs = (
-        zip(*rows, strict=True) if rows else ((),) * 7
-    )
+    n = len(columns.game_ids)
+    game_ids, move_numbers, players, actions, states, policy_ids, policy_probs = columns
     # Rows arrive grouped by game id; put them in the order of ``games`` (the store's).
     game_of_row = np.fromiter((position[g] for g in game_ids), np.int64, n)
     order = np.argsort(game_of_row, kind="stable")
@@ -174,7 +196,7 @@ def _encode(spec: StoreSpec, games: Sequence[GameRow], rows: Sequence[tuple]) ->
     counts = ids_len[keep] // 4
     ids = np.frombuffer(b"".join([policy_ids[i] for i in rows_kept]), dtype="<i4")
     probs = np.frombuffer(b"".join([policy_probs[i] for i in rows_kept]), dtype="<f4")
-    if spec.dtype.kind == "f":
+    if spec.dtype.kind == "f" and k:
         nonfinite = ~np.isfinite(state.reshape(k, -1)).all(axis=1)
         newly = _per_game_any(game_kept, nonfinite, num_games) & (reason == "")
         reason[newly] = "bad_state"
