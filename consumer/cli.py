@@ -201,6 +201,30 @@ def _cmd_config_request(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole loop on this machine: nodes, daemon, trainer")
+    p.add_argument("--data-dir", help="default: a new temporary directory")
+    p.add_argument("--game", default="connect_four", help="OpenSpiel game string")
+    p.add_argument("--board-type", default="connectfour")
+    p.add_argument("--num-players", type=int, default=2)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--games-per-node", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--simulations", type=int, default=20)
+    p.add_argument("--min-games", type=int, default=40, help="export threshold")
+    p.add_argument("--exports", type=int, default=1, help="stop after this many datasets")
+    p.set_defaults(command=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from consumer.demo import DemoOptions, demo_main
+    from consumer.logs import setup_logging
+
+    setup_logging("INFO")
+    fields = {k: v for k, v in vars(args).items() if k in DemoOptions.__struct_fields__}
+    return demo_main(DemoOptions(**fields))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoexport", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -209,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator(sub)
     _add_export(sub)
     _add_selfplay(sub)
+    _add_demo(sub)
     return parser
 
 
