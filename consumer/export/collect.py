@@ -21,7 +21,7 @@ from consumer.export.gamestore import (
     StoreSpec,
     StoreSpecMismatch,
 )
-from consumer.export.segments import Segment, Workspace, read_game_ids
+from consumer.export.segments import Segment, Workspace
 
 STORE_PATTERNS = ("*.db", "*.sqlite")
 BATCH_BYTES = 8 << 20  # raw bytes of moves encoded at once: bounds memory per batch
@@ -134,7 +134,7 @@ def collect_store(
             raise StoreSpecMismatch(f"{meta.path}: spec changed to {reader.meta.spec}")
         games = reader.games()
         cached = workspace.for_store(meta.path)
-        cached_ids = [read_game_ids(workspace.directory, s) for s in cached]
+        cached_ids = [workspace.game_ids(s) for s in cached]
         exported = {game_id for ids in cached_ids for game_id in ids}
         store_ids = {game.game_id for game in games}
         if (

@@ -52,17 +52,18 @@ class Encoded(Struct):
     bad_policy_moves: int
 
 
-def parse_returns(text: Any, num_players: int) -> list[float] | str:
-    """A game's per-seat result, or the reason it is unusable."""
+def returns_problem(text: Any, num_players: int) -> str | None:
+    """Why a game's stored per-seat result is unusable, or None."""
     if text is None:
         return "missing_result"
     try:
         values = msgspec.json.decode(text, type=list[float])
     except (msgspec.DecodeError, TypeError):
         return "bad_result"
-    if len(values) != num_players or not all(math.isfinite(v) for v in values):
+    # A sum is finite only if every value is (and none is absurdly large).
+    if len(values) != num_players or not math.isfinite(sum(values)):
         return "bad_result"
-    return values
+    return None
 
 
 def triage(game: GameRow, spec: StoreSpec, filters: Filters) -> str | None:
@@ -77,8 +78,7 @@ def triage(game: GameRow, spec: StoreSpec, filters: Filters) -> str | None:
         return "too_short"
     if game.move_count == 0:
         return "no_moves"
-    result = parse_returns(game.returns, spec.num_players)
-    return result if isinstance(result, str) else None
+    return returns_problem(game.returns, spec.num_players)
 
 
 def empty_arrays(spec: StoreSpec) -> dict[str, np.ndarray]:
@@ -146,6 +146,10 @@ def _concat(spec: StoreSpec, parts: list[Encoded]) -> Encoded:
     )
 
 
+def _as_bytes(text: str | bytes) -> bytes:
+    return text.encode() if isinstance(text, str) else text
+
+
 def _per_game_any(game_of_row: np.ndarray, flags: np.ndarray, num_games: int) -> np.ndarray:
     return np.bincount(game_of_row, weights=flags, minlength=num_games) > 0
 
@@ -210,9 +214,10 @@ def _encode(spec: StoreSpec, games: Sequence[GameRow], columns: _Columns) -> Enc
     entry_final = np.repeat(final, counts)
     good_games = np.flatnonzero(reason == "")
     local_index = np.cumsum(reason == "") - 1
+    # Results were validated by triage: decode the batch's in one call.
+    text = b"[" + b",".join(_as_bytes(games[i].returns) for i in good_games) + b"]"
     returns = np.zeros((num_games, num_players), dtype="<f4")
-    for i in good_games:
-        returns[i] = parse_returns(games[i].returns, num_players)
+    returns[good_games] = np.array(msgspec.json.decode(text), dtype="<f4").reshape(-1, num_players)
     game_final = game_kept[final]
     per_seat = returns[game_final]
     mover = player[keep][final]

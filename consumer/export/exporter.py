@@ -54,9 +54,6 @@ from consumer.export.segments import (
     Workspace,
     cache_key,
     cache_lock,
-    game_index_blocks,
-    indptr_blocks,
-    part_blocks,
 )
 from schemas.events import BoardType, NumPlayers
 from schemas.subjects import config_key
@@ -223,7 +220,7 @@ def _workspace(
         directory = work_dir(output)
         directory.mkdir()
         try:
-            yield Workspace(directory, key, [])
+            yield Workspace(directory, key, [], verify=False)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         return
@@ -360,7 +357,6 @@ def _metadata(
 def _members(
     workspace: Workspace, spec: StoreSpec, results: list[StoreResult], metadata: dict[str, Any]
 ) -> list[Member]:
-    directory = workspace.directory
     segments = [s for r in results for s in r.segments]
     samples = metadata["counts"]["samples"]
     entries = metadata["counts"]["policy_entries"]
@@ -370,14 +366,14 @@ def _members(
     members = [member("metadata", np.array(json.dumps(metadata)))]
     for name, (dtype, trailing) in chunk_layout(spec).items():
         if name == "policy_counts":
-            blocks = lambda: indptr_blocks(directory, segments)  # noqa: E731
+            blocks = lambda: workspace.indptr_blocks(segments)  # noqa: E731
             members.append(Member("policy_indptr", "<i8", (samples + 1,), blocks))
         elif name == "game_index":
-            blocks = lambda: game_index_blocks(directory, segments)  # noqa: E731
+            blocks = lambda: workspace.game_index_blocks(segments)  # noqa: E731
             members.append(Member(name, "<i4", (samples,), blocks))
         else:
             length = entries if name in PER_ENTRY_ARRAYS else samples
-            blocks = lambda n=name: part_blocks(directory, segments, n)  # noqa: E731
+            blocks = lambda n=name: workspace.blocks(segments, n)  # noqa: E731
             members.append(Member(name, dtype.str, (length, *trailing), blocks))
     members.append(
         Member(

@@ -70,18 +70,12 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def read_part(f: BinaryIO, part: Part) -> bytes:
+def read_part(f: BinaryIO, part: Part, verify: bool = True) -> bytes:
     f.seek(part.offset)
     data = f.read(part.nbytes)
-    if len(data) != part.nbytes or zlib.crc32(data) != part.crc32:
+    if len(data) != part.nbytes or (verify and zlib.crc32(data) != part.crc32):
         raise CacheCorrupt(f"{getattr(f, 'name', f)}: part at {part.offset} fails its checksum")
     return data
-
-
-def read_game_ids(directory: Path, segment: Segment) -> list[str]:
-    with open(directory / segment.file, "rb") as f:
-        data = read_part(f, segment.game_ids)
-    return data.decode().split("\n") if data else []
 
 
 class SegmentWriter:
@@ -166,12 +160,21 @@ def _segment_intact(directory: Path, segment: Segment) -> bool:
 
 class Workspace:
     """The segments of one export: a persistent cache directory, or a scratch directory
-    that the caller deletes."""
+    that the caller deletes. ``verify`` checks CRCs on read (off for a scratch directory
+    this run wrote itself)."""
 
-    def __init__(self, directory: Path, key: dict[str, Any], segments: list[Segment]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        key: dict[str, Any],
+        segments: list[Segment],
+        *,
+        verify: bool = True,
+    ) -> None:
         self.directory = directory
         self.key = key
         self.segments = segments
+        self.verify = verify
 
     @classmethod
     def open(cls, directory: Path, key: dict[str, Any]) -> Workspace:
@@ -189,6 +192,36 @@ class Workspace:
         workspace = cls(directory, key, segments)
         workspace.remove_unlisted()
         return workspace
+
+    def game_ids(self, segment: Segment) -> list[str]:
+        with open(self.directory / segment.file, "rb") as f:
+            data = read_part(f, segment.game_ids, self.verify)
+        return data.decode().split("\n") if data else []
+
+    def blocks(self, segments: list[Segment], name: str) -> Iterator[bytes]:
+        """The raw bytes of one array across ``segments``, chunk by chunk."""
+        for segment in segments:
+            with open(self.directory / segment.file, "rb") as f:
+                for chunk in segment.chunks:
+                    yield read_part(f, chunk.parts[name], self.verify)
+
+    def indptr_blocks(self, segments: list[Segment]) -> Iterator[bytes]:
+        """CSR row pointers (int64, one more than samples) from the policy row lengths."""
+        offset = 0
+        yield np.zeros(1, dtype="<i8").tobytes()
+        for data in self.blocks(segments, "policy_counts"):
+            ends = np.cumsum(np.frombuffer(data, dtype="<i4"), dtype="<i8") + offset
+            if len(ends):
+                offset = int(ends[-1])
+            yield ends.tobytes()
+
+    def game_index_blocks(self, segments: list[Segment]) -> Iterator[bytes]:
+        """Each sample's index into the exported game list (segment-local ids shifted)."""
+        base = 0
+        for segment in segments:
+            for data in self.blocks([segment], "game_index"):
+                yield (np.frombuffer(data, dtype="<i4") + np.int32(base)).astype("<i4").tobytes()
+            base += segment.games
 
     def for_store(self, store_path: str) -> list[Segment]:
         return [s for s in self.segments if s.store_path == store_path]
@@ -224,31 +257,3 @@ class Workspace:
         self.segments = []
         (self.directory / _MANIFEST).unlink(missing_ok=True)
         self.remove_unlisted()
-
-
-def part_blocks(directory: Path, segments: list[Segment], name: str) -> Iterator[bytes]:
-    """The raw bytes of one array across ``segments``, chunk by chunk."""
-    for segment in segments:
-        with open(directory / segment.file, "rb") as f:
-            for chunk in segment.chunks:
-                yield read_part(f, chunk.parts[name])
-
-
-def indptr_blocks(directory: Path, segments: list[Segment]) -> Iterator[bytes]:
-    """CSR row pointers (int64, one more than samples) from the per-row policy counts."""
-    offset = 0
-    yield np.zeros(1, dtype="<i8").tobytes()
-    for data in part_blocks(directory, segments, "policy_counts"):
-        ends = np.cumsum(np.frombuffer(data, dtype="<i4"), dtype="<i8") + offset
-        if len(ends):
-            offset = int(ends[-1])
-        yield ends.tobytes()
-
-
-def game_index_blocks(directory: Path, segments: list[Segment]) -> Iterator[bytes]:
-    """Each sample's index into the exported game list (segment-local indices shifted)."""
-    base = 0
-    for segment in segments:
-        for data in part_blocks(directory, [segment], "game_index"):
-            yield (np.frombuffer(data, dtype="<i4") + np.int32(base)).astype("<i4").tobytes()
-        base += segment.games
