@@ -148,12 +148,14 @@ def collect_store(
         skipped: Counter[str] = Counter(encode_failed.values())
         todo = []
         for game in games:
+            if game.game_id in exported:
+                continue  # passed these filters before, and a finished game's rows are final
             reason = triage(game, spec, filters)
             if reason is None and game.game_id in seen:
                 reason = "duplicate"
             if reason is not None:
                 skipped[reason] += 1
-            elif game.game_id not in exported and game.game_id not in encode_failed:
+            elif game.game_id not in encode_failed:
                 todo.append(game)
         tick(len(games) - len(todo))
         segments, ids = list(cached), list(cached_ids)

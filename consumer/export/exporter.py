@@ -220,7 +220,7 @@ def _workspace(
         directory = work_dir(output)
         directory.mkdir()
         try:
-            yield Workspace(directory, key, [], verify=False)
+            yield Workspace(directory, key, [], persistent=False)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         return

@@ -81,8 +81,9 @@ def read_part(f: BinaryIO, part: Part, verify: bool = True) -> bytes:
 class SegmentWriter:
     """Appends encoded batches of one store to a new segment file."""
 
-    def __init__(self, directory: Path, store_path: str, store_id: str) -> None:
+    def __init__(self, directory: Path, store_path: str, store_id: str, *, fsync: bool) -> None:
         self._directory = directory
+        self._fsync = fsync
         self._name = f"{uuid.uuid4().hex}{_SEGMENT_SUFFIX}"
         self._file = open(directory / self._name, "xb")  # noqa: SIM115 - closed in finish/discard
         self._store = (store_path, store_id)
@@ -117,7 +118,8 @@ class SegmentWriter:
     def finish(self) -> Segment:
         ids = self._write("\n".join(self.game_ids).encode())
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._fsync:
+            os.fsync(self._file.fileno())
         self._file.close()
         return Segment(
             file=self._name,
@@ -160,8 +162,8 @@ def _segment_intact(directory: Path, segment: Segment) -> bool:
 
 class Workspace:
     """The segments of one export: a persistent cache directory, or a scratch directory
-    that the caller deletes. ``verify`` checks CRCs on read (off for a scratch directory
-    this run wrote itself)."""
+    that the caller deletes. Only a persistent one fsyncs segments and checks their CRCs
+    on read: a scratch directory holds what this run just wrote."""
 
     def __init__(
         self,
@@ -169,12 +171,12 @@ class Workspace:
         key: dict[str, Any],
         segments: list[Segment],
         *,
-        verify: bool = True,
+        persistent: bool = True,
     ) -> None:
         self.directory = directory
         self.key = key
         self.segments = segments
-        self.verify = verify
+        self.persistent = persistent
 
     @classmethod
     def open(cls, directory: Path, key: dict[str, Any]) -> Workspace:
@@ -195,7 +197,7 @@ class Workspace:
 
     def game_ids(self, segment: Segment) -> list[str]:
         with open(self.directory / segment.file, "rb") as f:
-            data = read_part(f, segment.game_ids, self.verify)
+            data = read_part(f, segment.game_ids, self.persistent)
         return data.decode().split("\n") if data else []
 
     def blocks(self, segments: list[Segment], name: str) -> Iterator[bytes]:
@@ -203,7 +205,7 @@ class Workspace:
         for segment in segments:
             with open(self.directory / segment.file, "rb") as f:
                 for chunk in segment.chunks:
-                    yield read_part(f, chunk.parts[name], self.verify)
+                    yield read_part(f, chunk.parts[name], self.persistent)
 
     def indptr_blocks(self, segments: list[Segment]) -> Iterator[bytes]:
         """CSR row pointers (int64, one more than samples) from the policy row lengths."""
@@ -230,7 +232,7 @@ class Workspace:
         self.segments = [s for s in self.segments if s not in dropped]
 
     def writer(self, store_path: str, store_id: str) -> SegmentWriter:
-        return SegmentWriter(self.directory, store_path, store_id)
+        return SegmentWriter(self.directory, store_path, store_id, fsync=self.persistent)
 
     def save(self) -> None:
         manifest = Manifest(cache_format=CACHE_FORMAT, key=self.key, segments=self.segments)
