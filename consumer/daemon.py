@@ -39,7 +39,14 @@ from consumer.decide import (
     classify,
     plan_exports,
 )
-from consumer.jobs import ValidatedOutput, build_argv, run_job
+from consumer.export.npzwrite import cleanup_stale_temp_files
+from consumer.jobs import (
+    ValidatedOutput,
+    build_argv,
+    kill_stale_group,
+    process_identity,
+    run_job,
+)
 from consumer.store import Outgoing, RejectedMessage, Store
 from consumer.streams import ensure_streams
 from consumer.telemetry import (
@@ -221,16 +228,17 @@ class Scheduler:
             f"export {config}", kind=SpanKind.INTERNAL, links=links, context=parent
         ) as span:
             now = time.time()
+            output_path = os.path.join(settings.output_dir or "", f"{config}.npz")
             if start.resume_export_id:
                 export_id = start.resume_export_id
-                attempt = await store.resume_export(export_id, start.games_pending, now)
+                attempt, pgid, identity = await store.resume_export(
+                    export_id, start.games_pending, now
+                )
+                await asyncio.to_thread(_clean_up_attempt, output_path, pgid, identity)
                 log.info(
                     "%s: resuming interrupted export %s (attempt %d, %d games pending)",
-                    config,
-                    export_id,
-                    attempt,
-                    start.games_pending,
-                )
+                    config, export_id, attempt, start.games_pending,
+                )  # fmt: skip
             else:
                 export_id = new_export_id(config, now)
                 started = ExportStarted(
@@ -263,7 +271,6 @@ class Scheduler:
                     ", forced" if start.forced else "",
                 )
             span.set_attribute("autoexport.export_id", export_id)
-            output_path = os.path.join(settings.output_dir or "", f"{config}.npz")
             argv = job_argv(
                 settings,
                 {
@@ -281,7 +288,13 @@ class Scheduler:
             env.pop("TRACESTATE", None)
             if (tp := traceparent_of()) is not None:
                 env["TRACEPARENT"] = tp
-            result = await run_job(argv, env=env, timeout_s=settings.export_timeout_seconds)
+
+            async def remember_job(pgid: int) -> None:
+                await store.record_job(export_id, pgid, process_identity(pgid))
+
+            result = await run_job(
+                argv, env=env, timeout_s=settings.export_timeout_seconds, on_start=remember_job
+            )
             if result.result is not None:
                 await self._succeeded(
                     export_id, config, board_type, num_players, result.result, result.duration_s
@@ -384,6 +397,14 @@ class Scheduler:
             error,
             utc(retry_at).isoformat(),
         )
+
+
+def _clean_up_attempt(output_path: str, pgid: int | None, identity: str | None) -> None:
+    """Stop a job the previous daemon left running and remove its half-written files."""
+    if pgid is not None and kill_stale_group(pgid, identity):
+        log.warning("killed the export job group %d left by the previous daemon", pgid)
+    for leftover in cleanup_stale_temp_files(output_path):
+        log.warning("removed %s left by the interrupted export", leftover)
 
 
 def new_export_id(config: str, now: float) -> str:

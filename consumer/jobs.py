@@ -16,7 +16,8 @@ import string
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Annotated
 
 import msgspec
@@ -219,11 +220,13 @@ async def run_job(
     timeout_s: float,
     cwd: str | None = None,
     term_grace_s: float = 5.0,
+    on_start: Callable[[int], Awaitable[None]] | None = None,
 ) -> JobResult:
     """Run one export job to completion, timeout or cancellation; never leaves its group behind.
 
     ``env`` is passed as is (None inherits ours). On cancellation the group is stopped the
-    same way as on timeout and CancelledError propagates.
+    same way as on timeout and CancelledError propagates. ``on_start(pgid)`` runs once the
+    group exists, so a caller can persist it and stop it after a crash of its own.
     """
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -250,6 +253,8 @@ async def run_job(
     pgid = transport.get_pid()  # start_new_session: the leader's pid is the group id
     try:
         try:
+            if on_start is not None:
+                await on_start(pgid)
             done, _ = await asyncio.wait([protocol.exited], timeout=timeout_s)
             timed_out = not done
         finally:
@@ -388,3 +393,22 @@ def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
         raise OutputInvalid(
             f"member {name!r} holds {data_bytes} data bytes, its header says {expected}"
         )
+
+
+def process_identity(pid: int) -> str | None:
+    """Boot id and start time of a process (Linux), or None: a pid alone may be reused."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        proc_stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime) counts from the end of the parenthesised command name.
+    return f"{boot_id}:{proc_stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def kill_stale_group(pgid: int, identity: str | None) -> bool:
+    """SIGKILL the process group of a job a previous daemon started, if its leader is still
+    that very process; never signal a group whose identity cannot be confirmed."""
+    if identity is None or process_identity(pgid) != identity:
+        return False
+    return _signal_group(pgid, signal.SIGKILL)

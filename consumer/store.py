@@ -74,7 +74,9 @@ CREATE TABLE IF NOT EXISTS exports (
     games_exported INTEGER,
     error TEXT,
     exit_code INTEGER,
-    traceparent TEXT
+    traceparent TEXT,
+    job_pgid INTEGER,
+    job_identity TEXT
 );
 CREATE INDEX IF NOT EXISTS exports_by_config ON exports (config_key, started_at);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -304,23 +306,34 @@ class Store:
             )
             await self._enqueue([announce])
 
-    async def resume_export(self, export_id: str, games_pending: int, now: float) -> int:
+    async def resume_export(
+        self, export_id: str, games_pending: int, now: float
+    ) -> tuple[int, int | None, str | None]:
         """Another attempt of an interrupted export, with the games pending now.
 
-        Returns the attempt number."""
+        Returns the attempt number and the previous attempt's job group and identity."""
         async with self._transaction():
-            await self._db.execute(
-                "UPDATE exports SET attempts = attempts + 1, games_pending = ?, started_at = ?"
-                " WHERE export_id = ? AND status = 'running'",
-                (games_pending, now, export_id),
-            )
             async with self._db.execute(
-                "SELECT attempts FROM exports WHERE export_id = ?", (export_id,)
+                "SELECT attempts, job_pgid, job_identity FROM exports"
+                " WHERE export_id = ? AND status = 'running'",
+                (export_id,),
             ) as cur:
                 row = await cur.fetchone()
-        if row is None:
-            raise StoreError(f"export {export_id} is unknown")
-        return int(row[0])
+            if row is None:
+                raise StoreError(f"export {export_id} is not running")
+            await self._db.execute(
+                "UPDATE exports SET attempts = attempts + 1, games_pending = ?, started_at = ?,"
+                " job_pgid = NULL, job_identity = NULL WHERE export_id = ?",
+                (games_pending, now, export_id),
+            )
+        return int(row[0]) + 1, row[1], row[2]
+
+    async def record_job(self, export_id: str, pgid: int, identity: str | None) -> None:
+        """Remember the job's process group, so a restarted daemon can stop a leftover."""
+        await self._write(
+            "UPDATE exports SET job_pgid = ?, job_identity = ? WHERE export_id = ?",
+            (pgid, identity, export_id),
+        )
 
     async def finish_export_success(
         self,

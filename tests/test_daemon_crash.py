@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -161,3 +162,56 @@ def test_nonsense_settings_stop_the_start_with_one_line(
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and value in lines[0], out.stderr
     assert not (tmp_path / "export_daemon_state.db").exists()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie waiting for init to reap it is gone
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def test_an_export_interrupted_by_a_crash_is_resumed_after_restart(
+    tmp_path: Path, nats_server: EmbeddedServer, nc: Client
+) -> None:
+    await ensure_streams(nc.jetstream())
+    exports = await collect_exports(nc)
+    pids_file = tmp_path / "data" / "games" / "pids"
+    daemon = start_daemon(tmp_path, nats_server.url, "--min-games", "10", mode="hang")
+    try:
+        await wait_for_status(nats_server.url, lambda s: True)
+        await publish_selfplay(nc, 12)
+        started = await exports.next()
+        assert isinstance(started, ExportStarted)
+        await wait_until(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 2)
+        job_pid, child_pid = map(int, pids_file.read_text().split())
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+    finally:
+        stop(daemon)
+    assert alive(job_pid) and alive(child_pid)  # a SIGKILLed daemon cannot clean up
+
+    restarted = start_daemon(tmp_path, nats_server.url, "--min-games", "10", mode="ok")
+    try:
+        complete = await exports.next()
+        assert isinstance(complete, ExportCompleted), complete
+        assert complete.export_id == started.export_id
+        # The leftover job group of the first attempt was killed, not left to write.
+        await wait_until(lambda: not alive(job_pid) and not alive(child_pid))
+        st = await wait_for_status(nats_server.url, lambda s: pending(s) == 0)
+        assert st["states"]["hex8_2p"]["in_progress"] is False
+        assert exports.queue.empty()  # no second "started" for the same export
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(20) == 0
