@@ -484,7 +484,7 @@ class Ingest:
                 msgs = await self._sub.fetch(
                     self._settings.fetch_batch_size, timeout=FETCH_TIMEOUT_S
                 )
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError and asyncio's: nothing to fetch
                 self.caught_up.set()
                 continue
             except (
