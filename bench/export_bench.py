@@ -103,28 +103,34 @@ def savez_seconds(npz: Path) -> tuple[float, float]:
     return saved - start, synced - start
 
 
-def child_rss(games_dir: Path, output: Path) -> dict:
-    """Export in a fresh process and report its peak RSS (VmHWM: ru_maxrss would carry
-    the parent's high-water mark across fork) and its RSS after imports."""
-    code = (
-        "import sys, json\n"
-        "from pathlib import Path\n"
-        "from consumer.export.exporter import ExportOptions, run_export\n"
-        "def hwm():\n"
-        "    status = Path('/proc/self/status').read_text().splitlines()\n"
-        "    return next(int(l.split()[1]) for l in status if l.startswith('VmHWM'))\n"
-        "base = hwm()\n"
-        "s = run_export(ExportOptions(board_type='tictactoe', num_players=2,"
-        " games_dir=sys.argv[1], output=sys.argv[2], min_moves=0))\n"
-        "print(json.dumps({'samples': s.samples, 'bytes': s.bytes,"
-        " 'rss_after_imports_mb': base / 1024, 'peak_rss_mb': hwm() / 1024}))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(games_dir), str(output)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+def _vm_hwm_mb() -> float:
+    # VmHWM, not ru_maxrss: a child's ru_maxrss keeps the parent's peak across fork.
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+def child(games_dir: Path, output: Path) -> None:
+    """In a fresh process: export, report peak RSS, then time np.savez of the result."""
+    base = _vm_hwm_mb()
+    summary, total_s, write_s = export(games_dir, output, False)
+    peak = _vm_hwm_mb()
+    savez_s, savez_fsync_s = savez_seconds(output)
+    result = {
+        "samples": summary["samples"],
+        "bytes": summary["bytes"],
+        "rss_after_imports_mb": round(base, 1),
+        "peak_rss_mb": round(peak, 1),
+        "total_s": round(total_s, 3),
+        "write_stage_s": round(write_s, 3),
+        "np_savez_new_file_s": round(savez_s, 3),
+        "np_savez_plus_fsync_s": round(savez_fsync_s, 3),
+    }
+    print(json.dumps(result))
+
+
+def run_child(games_dir: Path, output: Path) -> dict:
+    argv = [sys.executable, __file__, "--child", str(games_dir), str(output)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 
 
@@ -132,7 +138,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--games", type=int, default=10_000)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/export-bench"))
+    parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
     root = args.dir.absolute()
     shutil.rmtree(root, ignore_errors=True)
     report: dict[str, object] = {"games": args.games}
@@ -174,13 +184,13 @@ def main() -> None:
         "samples_alone": small["samples"],
     }
 
-    rss = {}
+    scale = {}
     for factor in (1, 4, 16):
         games_dir = root / f"x{factor}" / "games"
         fill(games_dir, args.games * factor, seed=factor)
-        rss[f"{factor}x"] = child_rss(games_dir, root / f"x{factor}" / "out.npz")
+        scale[f"{factor}x"] = run_child(games_dir, root / f"x{factor}" / "out.npz")
         shutil.rmtree(root / f"x{factor}")
-    report["peak_rss"] = rss
+    report["scale"] = scale
     print(json.dumps(report, indent=2))
 
 
