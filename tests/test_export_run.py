@@ -159,6 +159,8 @@ def test_bad_games_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
         "g-0010": ("UPDATE games SET move_count = 99", ()),
         "g-0011": ("UPDATE moves SET player = 'x' WHERE move_number = 1 AND", ()),
         "g-0012": ("UPDATE games SET board_type = 'hex'", ()),
+        "g-0013": ("UPDATE games SET game_id = CAST(game_id AS BLOB)", ()),
+        "g-0014": ("UPDATE games SET game_id = 'two' || char(10) || 'lines'", ()),
     }
     for game_id, (statement, params) in breakages.items():
         where = " game_id = ?" if statement.endswith("AND") else " WHERE game_id = ?"
@@ -167,6 +169,7 @@ def test_bad_games_are_skipped_and_counted_by_reason(tmp_path: Path) -> None:
     summary = export(tmp_path)
 
     assert summary.skipped == {
+        "bad_game_id": 2,
         "bad_moves": 4,
         "bad_policy": 3,
         "bad_result": 1,

@@ -68,6 +68,8 @@ def returns_problem(text: Any, num_players: int) -> str | None:
 
 def triage(game: GameRow, spec: StoreSpec, filters: Filters) -> str | None:
     """Why a listed game is not exported (checks that need no moves), or None."""
+    if not isinstance(game.game_id, str) or not game.game_id or "\n" in game.game_id:
+        return "bad_game_id"  # ids are kept newline-separated in the cache
     if game.status == "in_progress":
         return "in_progress"
     if game.status != "completed" and not filters.include_incomplete:

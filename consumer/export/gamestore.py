@@ -71,6 +71,12 @@ class StoreCorrupt(StoreError):
     reason = "corrupt"
 
 
+class StoreUnreadable(StoreError):
+    """Missing, or not readable by this process (permissions, a read-only directory)."""
+
+    reason = "unreadable"
+
+
 class UnsupportedFormat(StoreError):
     reason = "unsupported_format"
 
@@ -404,6 +410,8 @@ def _classify(exc: sqlite3.Error, path: Path) -> StoreError:
     text = str(exc)
     if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
         return StoreLocked(f"{path}: {text}")
+    if isinstance(exc, sqlite3.OperationalError) and "unable to open" in text:
+        return StoreUnreadable(f"{path}: {text}")
     return StoreCorrupt(f"{path}: {text}")
 
 
