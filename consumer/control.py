@@ -40,6 +40,15 @@ def _parse_config(data: bytes) -> str:
     return config
 
 
+async def _config_or_refuse(req: Request) -> str | None:
+    """The request's config, or None after answering with a 400 saying why."""
+    try:
+        return _parse_config(req.data)
+    except ValueError as exc:
+        await req.respond_error("400", str(exc))
+        return None
+
+
 async def start(nc: Client, store: Store, scheduler: Scheduler) -> Service:
     async def status(req: Request) -> None:
         body: dict[str, Any] = await store.status()
@@ -50,10 +59,7 @@ async def start(nc: Client, store: Store, scheduler: Scheduler) -> Service:
         await req.respond(msgspec.json.encode(body))
 
     async def export_now(req: Request) -> None:
-        try:
-            config = _parse_config(req.data)
-        except ValueError as exc:
-            await req.respond_error("400", str(exc))
+        if (config := await _config_or_refuse(req)) is None:
             return
         board_type, num_players = subjects.parse_config_key(config)
         await store.request_export(config, board_type, num_players, time.time())
@@ -62,10 +68,7 @@ async def start(nc: Client, store: Store, scheduler: Scheduler) -> Service:
 
     def pauser(paused: bool):
         async def handler(req: Request) -> None:
-            try:
-                config = _parse_config(req.data)
-            except ValueError as exc:
-                await req.respond_error("400", str(exc))
+            if (config := await _config_or_refuse(req)) is None:
                 return
             if not await store.set_paused(config, paused, time.time()):
                 await req.respond_error("404", f"config {config} is not tracked")

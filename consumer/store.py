@@ -138,14 +138,18 @@ class Store:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
+            await _check_version(db, path)  # before touching a file of another version
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
             await db.execute("PRAGMA busy_timeout=5000")
             await db.executescript(SCHEMA)
-            await _check_version(db, path)
+            await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             await db.close()
             raise StoreError(f"state database {path} is unusable: {exc}") from exc
+        except StoreError:
+            await db.close()
+            raise
         return cls(db)
 
     async def close(self) -> None:
@@ -160,11 +164,13 @@ class Store:
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a task cancelled while BEGIN waits has still queued it on
+                # aiosqlite's thread, and the ROLLBACK queued behind it must undo it.
+                await self._db.execute("BEGIN IMMEDIATE")
                 yield
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                await asyncio.shield(self._db.execute("ROLLBACK"))
                 raise
             await self._db.execute("COMMIT")
 
@@ -335,6 +341,18 @@ class Store:
             (pgid, identity, export_id),
         )
 
+    async def _running_export(self, export_id: str) -> tuple[str, int]:
+        """Config and games taken of a running export (inside a transaction)."""
+        async with self._db.execute(
+            "SELECT config_key, games_pending FROM exports"
+            " WHERE export_id = ? AND status = 'running'",
+            (export_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise StoreError(f"export {export_id} is not running")
+        return row[0], row[1]
+
     async def finish_export_success(
         self,
         export_id: str,
@@ -348,15 +366,7 @@ class Store:
         """Subtract what the export took (not everything: games counted meanwhile stay)."""
         db = self._db
         async with self._transaction():
-            async with db.execute(
-                "SELECT config_key, games_pending FROM exports"
-                " WHERE export_id = ? AND status = 'running'",
-                (export_id,),
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                raise StoreError(f"export {export_id} is not running")
-            config, taken = row
+            config, taken = await self._running_export(export_id)
             await db.execute(
                 "UPDATE exports SET status = 'succeeded', finished_at = ?, output_path = ?,"
                 " samples = ?, games_exported = ? WHERE export_id = ?",
@@ -387,13 +397,7 @@ class Store:
         """Nothing pending is lost; the config backs off until ``backoff_until``."""
         db = self._db
         async with self._transaction():
-            async with db.execute(
-                "SELECT config_key FROM exports WHERE export_id = ? AND status = 'running'",
-                (export_id,),
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                raise StoreError(f"export {export_id} is not running")
+            config, _ = await self._running_export(export_id)
             await db.execute(
                 "UPDATE exports SET status = 'failed', finished_at = ?, error = ?,"
                 " exit_code = ? WHERE export_id = ?",
@@ -403,7 +407,7 @@ class Store:
                 "UPDATE export_state SET consecutive_failures = consecutive_failures + 1,"
                 " backoff_until = ?, running_export_id = NULL, last_error = ?, updated_at = ?"
                 " WHERE config_key = ?",
-                (backoff_until, error, now, row[0]),
+                (backoff_until, error, now, config),
             )
             await self._enqueue([announce])
 
@@ -474,9 +478,7 @@ async def _check_version(db: aiosqlite.Connection, path: str | Path) -> None:
     async with db.execute("PRAGMA user_version") as cur:
         row = await cur.fetchone()
     version = row[0] if row else 0
-    if version == 0:
-        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    elif version != SCHEMA_VERSION:
+    if version not in (0, SCHEMA_VERSION):
         raise StoreError(
             f"state database {path} has schema version {version}; this daemon knows "
             f"{SCHEMA_VERSION}"

@@ -85,8 +85,15 @@ def _from_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"settings file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from None
-    # Accept either top-level keys or an [autoexport] table.
-    data = data.get("autoexport", data)
+    # Accept either top-level keys or an [autoexport] table, not both.
+    if "autoexport" in data:
+        table = data["autoexport"]
+        if not isinstance(table, dict):
+            raise SettingsError(f"autoexport in {path} must be a table ([autoexport])")
+        if len(data) > 1:
+            others = sorted(set(data) - {"autoexport"})
+            raise SettingsError(f"{path} has both an [autoexport] table and top-level {others}")
+        data = table
     unknown = sorted(set(data) - FIELDS)
     if unknown:
         raise SettingsError(f"unknown setting {unknown[0]!r} in {path} (known: {_known('')})")
@@ -133,7 +140,18 @@ def _explain(
         origin = sources.get(field, "defaults")
         value = merged.get(field, "<default>")
         return f"invalid setting {field}={value!r} (from {origin}): {message}"
-    return f"invalid settings: {text}"
+    # A rule across fields (__post_init__): name each field it mentions, its value and source.
+    named = [
+        f"{f}={merged.get(f, getattr(_DEFAULTS, f))!r} (from {sources.get(f, 'defaults')})"
+        for f in sorted(FIELDS)
+        if f in text
+    ]
+    return (
+        f"invalid settings: {text}: " + ", ".join(named) if named else f"invalid settings: {text}"
+    )
+
+
+_DEFAULTS = Settings()
 
 
 def _absolute(settings: Settings, cwd: Path) -> Settings:
