@@ -507,6 +507,14 @@ class Ingest:
             await self.process(msgs)
         await self._drop_subscription()
 
+    async def drained(self) -> bool:
+        """Nothing left in the consumer: none pending and none awaiting an ack."""
+        try:
+            info = await self._js.consumer_info(subjects.EVENTS_STREAM, self._settings.durable_name)
+        except (APIError, nats.errors.Error):
+            return False
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
     async def _drop_subscription(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:
@@ -665,12 +673,18 @@ async def run_daemon(
 async def _stop_when_idle(
     stop: asyncio.Event, ingest: Ingest, scheduler: Scheduler, outbox: Outbox
 ) -> None:
-    """For batch use and tests: stop once everything fetched is counted, no export runs or
-    waits on a timer, and every announcement is published."""
+    """For batch use and tests: stop once every message is counted and acknowledged (also
+    those a crashed predecessor fetched: they return after ack_wait), no export runs or waits
+    on a timer, and every announcement is published."""
     while not stop.is_set():
         await ingest.caught_up.wait()
         await outbox.empty.wait()
-        if ingest.caught_up.is_set() and outbox.empty.is_set() and scheduler.idle():
+        if (
+            ingest.caught_up.is_set()
+            and outbox.empty.is_set()
+            and scheduler.idle()
+            and await ingest.drained()
+        ):
             stop.set()
             return
         await asyncio.sleep(0.1)  # a finished job or kick changes idleness without an event

@@ -35,7 +35,8 @@ def start_daemon(
     tmp_path: Path, url: str, *extra: str, mode: str = "ok"
 ) -> subprocess.Popen[bytes]:
     command = f"{sys.executable} {FAKE_JOB} {mode} {{output_path}} {{games_dir}}"
-    env = {**os.environ, "AUTOEXPORT_EXPORT_COMMAND": command}
+    # A short ack_wait: what a killed daemon fetched but never committed returns quickly.
+    env = {**os.environ, "AUTOEXPORT_EXPORT_COMMAND": command, "AUTOEXPORT_ACK_WAIT_SECONDS": "2"}
     argv = [sys.executable, "-m", "consumer.cli", "run", "--nats-url", url,
             "--data-dir", str(tmp_path / "data"), *extra]  # fmt: skip
     with (tmp_path / "daemon.log").open("ab") as log:
@@ -93,9 +94,7 @@ async def test_sigkill_mid_stream_then_restart_counts_every_game_exactly_once(
     assert restarted.wait(60) == 0, (tmp_path / "daemon.log").read_text()
     assert counted_games(state_db) == events
     info = await js.consumer_info("SELFPLAY_EVENTS", "autoexport")
-    # The killed daemon's last fetch stays unacknowledged until ack_wait redelivers it, which
-    # then adds nothing: its batches are already counted.
-    assert info.num_pending == 0
+    assert info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def test_sigterm_stops_cleanly_and_state_is_readable_offline(
