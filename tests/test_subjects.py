@@ -19,8 +19,19 @@ def test_config_key_round_trips(board: str, players: int, key: str) -> None:
 
 @pytest.mark.parametrize(
     ("board", "players"),
-    [("hex.8", 2), ("hex*", 2), ("hex>", 2), ("hex 8", 2), ("Hex8", 2), ("8hex", 2),
-     ("", 2), ("a" * 33, 2), ("hex8", 0), ("hex8", 17), ("hex8", True)],
+    [
+        ("hex.8", 2),
+        ("hex*", 2),
+        ("hex>", 2),
+        ("hex 8", 2),
+        ("Hex8", 2),
+        ("8hex", 2),
+        ("", 2),
+        ("a" * 33, 2),
+        ("hex8", 0),
+        ("hex8", 17),
+        ("hex8", True),
+    ],
 )
 def test_config_key_rejects_routing_characters_and_ranges(board: str, players: int) -> None:
     with pytest.raises(InvalidConfigKey):
