@@ -495,7 +495,8 @@ class Ingest:
                 # The consumer or stream was deleted, or JetStream is unavailable: fetch would
                 # fail instantly forever, so re-provision, pausing longer each time.
                 log.warning(
-                    "JetStream consumer unavailable (%r); re-provisioning in %.1fs",
+                    "JetStream unavailable (%r): no JetStream on the server, or the stream"
+                    " or consumer was deleted; re-provisioning in %.1fs",
                     exc,
                     retry.next_s,
                 )

@@ -214,3 +214,35 @@ async def test_an_export_interrupted_by_a_crash_is_resumed_after_restart(
     finally:
         restarted.send_signal(signal.SIGTERM)
         assert restarted.wait(20) == 0
+
+
+async def test_waits_for_jetstream_when_the_server_has_none_then_counts(tmp_path: Path) -> None:
+    from consumer.embedded import nats_server_binary
+
+    # A server without JetStream on the port the daemon is told to use.
+    probe = EmbeddedServer(tmp_path / "probe")
+    probe.start()
+    port = probe.port
+    probe.stop()
+    plain = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"nats://127.0.0.1:{port}"
+    daemon = start_daemon(tmp_path, url, "--min-games", "1000")
+    try:
+        log = tmp_path / "daemon.log"
+        await wait_until(lambda: log.exists() and "unavailable" in log.read_text(), 20)
+        assert daemon.poll() is None  # retrying, not crashed
+        stop(plain)
+        with EmbeddedServer(tmp_path / "nats", port=port):
+            nc = await nats.connect(url)
+            await ensure_streams(nc.jetstream())
+            await publish_selfplay(nc, 5)
+            await wait_for_status(url, lambda s: pending(s) == 5, timeout=40)
+            await nc.close()
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(20) == 0
+    finally:
+        stop(plain)
+        stop(daemon)
