@@ -651,6 +651,7 @@ async def run_daemon(
             asyncio.create_task(ingest.run(stop), name="ingest"),
             asyncio.create_task(scheduler.run(stop), name="scheduler"),
             asyncio.create_task(outbox.run(stop), name="outbox"),
+            asyncio.create_task(maintain(store, settings, stop), name="maintenance"),
         ]
         if exit_when_idle:
             tasks.append(asyncio.create_task(_stop_when_idle(stop, ingest, scheduler, outbox)))
@@ -669,6 +670,21 @@ async def run_daemon(
         await store.close()
         with contextlib.suppress(nats.errors.Error):
             await nc.drain()
+
+
+MAINTENANCE_INTERVAL_S = 3600.0
+
+
+async def maintain(store: Store, settings: Settings, stop: asyncio.Event) -> None:
+    """Hourly: forget batch ids and rejections older than the retention."""
+    while not stop.is_set():
+        before = time.time() - settings.retention_days * 86_400
+        batches, rejections = await store.retire(before)
+        if batches or rejections:
+            log.info("retired %d batch ids and %d rejections older than %s", batches,
+                     rejections, utc(before).isoformat())  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL_S)
 
 
 async def _stop_when_idle(

@@ -78,6 +78,8 @@ CREATE TABLE IF NOT EXISTS exports (
     job_pgid INTEGER,
     job_identity TEXT
 );
+CREATE INDEX IF NOT EXISTS batches_by_age ON batches (counted_at);
+CREATE INDEX IF NOT EXISTS rejected_by_age ON rejected (rejected_at);
 CREATE INDEX IF NOT EXISTS exports_by_config ON exports (config_key, started_at);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -241,6 +243,25 @@ class Store:
             )
             await self._enqueue(dead_letters)
         return added
+
+    async def retire(self, before: float, chunk: int = 5000) -> tuple[int, int]:
+        """Forget batch ids and rejected messages recorded before ``before``, in short
+        transactions so ingest never waits long. Returns (batches, rejections) removed.
+
+        A batch announced again after its id is retired counts again: keep ids longer than
+        anything can redeliver or re-announce them (the stream keeps events for 7 days)."""
+        removed = [0, 0]
+        for i, sql in enumerate(
+            (
+                "DELETE FROM batches WHERE (config_key, batch_id) IN (SELECT config_key,"
+                " batch_id FROM batches WHERE counted_at < ? LIMIT ?)",
+                "DELETE FROM rejected WHERE (subject, stream_seq) IN (SELECT subject,"
+                " stream_seq FROM rejected WHERE rejected_at < ? LIMIT ?)",
+            )
+        ):
+            while (n := await self._write(sql, (before, chunk))) > 0:
+                removed[i] += n
+        return removed[0], removed[1]
 
     # ---- the gate's inputs ------------------------------------------------------------
 

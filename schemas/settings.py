@@ -43,6 +43,11 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     backoff_base_seconds: PositiveSeconds = 30.0
     backoff_max_seconds: PositiveSeconds = 3600.0
 
+    # Batch ids (the dedupe memory) and rejected messages are forgotten after this long.
+    # Keep it well past the events stream's 7-day retention: an older batch announced
+    # again would count again.
+    retention_days: Annotated[float, Meta(ge=8)] = 30.0
+
     durable_name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "autoexport"
     fetch_batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 1000
     ack_wait_seconds: PositiveSeconds = 60.0

@@ -237,9 +237,7 @@ async def test_a_cancelled_call_leaves_the_store_usable(store: Store, steps: int
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await store.record_messages([counted([("b2", 5)])], [], [], now=T0 + 1) == {
-        "hex8_2p": 5
-    }
+    assert await store.record_messages([counted([("b2", 5)])], [], [], now=T0 + 1) == {"hex8_2p": 5}
     assert await pending(store) == 5
     assert await store.outbox() == []
 
@@ -695,3 +693,24 @@ async def test_concurrent_tasks_do_not_interleave_transactions(store: Store) -> 
     status = await store.status(now=T0)
     assert status["rejected_messages"] == 50
     assert status["unpublished_events"] == 100
+
+
+async def test_retire_forgets_old_batch_ids_and_rejections_only(tmp_path: Path) -> None:
+    from consumer.decide import Counted, Reject
+    from consumer.store import RejectedMessage, Store
+
+    def batch(batch_id: str) -> Counted:
+        return Counted(config="hex8_2p", board_type="hex8", num_players=2, event_id=batch_id,
+                       source="n", batches=((batch_id, 1),))  # fmt: skip
+
+    async with await Store.open(tmp_path / "state.db") as store:
+        reject = RejectedMessage("selfplay.complete.x", 1, Reject(reason="r", detail="d"), b"")
+        await store.record_messages([batch("old")], [reject], [], now=1_000.0)
+        await store.record_messages([batch("new")], [], [], now=5_000.0)
+        assert await store.retire(before=2_000.0, chunk=1) == (1, 1)
+        # The retired id counts again if announced again; the kept one still does not.
+        added = await store.record_messages([batch("old"), batch("new")], [], [], now=6_000.0)
+        assert added == {"hex8_2p": 1}
+        status = await store.status(now=6_000.0)
+        assert status["rejected_messages"] == 0
+        assert status["states"]["hex8_2p"]["total_games"] == 3
