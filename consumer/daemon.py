@@ -26,9 +26,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
-from consumer import control
+from consumer import control, telemetry
 from consumer.decide import (
     Counted,
     GatePolicy,
@@ -52,6 +52,8 @@ from consumer.streams import ensure_streams
 from consumer.telemetry import (
     extract_context,
     inject_headers,
+    process_span,
+    publish_span,
     traceparent_of,
     tracer,
     trigger_context,
@@ -121,7 +123,14 @@ class Outbox:
             self.empty.clear()
             for row in rows:
                 try:
-                    await self._js.publish(row.subject, row.payload, headers=row.headers, timeout=5)
+                    # The row's headers hold the deciding span's context (the export, or the
+                    # processing of a rejected message): the publish span is its child, and the
+                    # message carries the publish span's context on to its consumers.
+                    headers = dict(row.headers)
+                    with publish_span(
+                        row.subject, headers, len(row.payload), parent=extract_context(row.headers)
+                    ):
+                        await self._js.publish(row.subject, row.payload, headers=headers, timeout=5)
                 except (nats.errors.Error, APIError) as exc:
                     log.warning(
                         "publish of %s failed (%r); retrying in %.1fs",
@@ -176,8 +185,10 @@ class Scheduler:
         while not stop.is_set():
             self._wake.clear()
             now = time.time()
+            states = await self._store.config_states()
+            telemetry.set_games_pending({s.config: s.games_pending for s in states})
             plan = plan_exports(
-                await self._store.config_states(),
+                states,
                 live=frozenset(self._jobs),
                 policy=self._policy,
                 now=now,
@@ -295,11 +306,22 @@ class Scheduler:
             result = await run_job(
                 argv, env=env, timeout_s=settings.export_timeout_seconds, on_start=remember_job
             )
+            outcome = (
+                "success" if result.result is not None
+                else "timeout" if result.timed_out
+                else "failure"
+            )  # fmt: skip
+            telemetry.exports.add(1, {"config": config, "outcome": outcome})
+            telemetry.export_duration.record(
+                result.duration_s, {"config": config, "outcome": outcome}
+            )
+            span.set_attribute("autoexport.outcome", outcome)
             if result.result is not None:
                 await self._succeeded(
                     export_id, config, board_type, num_players, result.result, result.duration_s
                 )
             else:
+                span.set_status(StatusCode.ERROR, result.error or "export job failed")
                 await self._failed(
                     export_id, config, board_type, num_players,
                     result.error or "export job failed", result.exit_code,
@@ -341,6 +363,7 @@ class Scheduler:
             now=now,
         )
         self._outbox.notify()
+        telemetry.samples_exported.add(valid.samples, {"config": config})
         log.info(
             "%s: export %s complete: %d games, %d samples, %.1fs -> %s",
             config,
@@ -481,8 +504,11 @@ class Ingest:
                         self._settings.durable_name,
                     )
                 assert self._sub is not None
+                # Heartbeats during the pull tell a dead server from an empty stream.
                 msgs = await self._sub.fetch(
-                    self._settings.fetch_batch_size, timeout=FETCH_TIMEOUT_S
+                    self._settings.fetch_batch_size,
+                    timeout=FETCH_TIMEOUT_S,
+                    heartbeat=FETCH_TIMEOUT_S / 4,
                 )
             except TimeoutError:  # nats.errors.TimeoutError and asyncio's: nothing to fetch
                 self.caught_up.set()
@@ -530,21 +556,12 @@ class Ingest:
         now = time.time()
         for msg in msgs:
             meta = msg.metadata
-            context = extract_context(msg.headers)
-            with tracer.start_as_current_span(
-                f"process {msg.subject}",
-                context=context,
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "nats",
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": msg.subject,
-                    "messaging.consumer.group.name": self._settings.durable_name,
-                    "messaging.message.id": (msg.headers or {}).get("Nats-Msg-Id", ""),
-                },
-            ):
+            with process_span(
+                msg.subject, msg.headers, len(msg.data), self._settings.durable_name
+            ) as span:
                 verdict = classify(msg.subject, msg.data)
                 if isinstance(verdict, Reject):
+                    span.set_status(StatusCode.ERROR, f"rejected: {verdict.reason}")
                     rejected.append(
                         RejectedMessage(msg.subject, meta.sequence.stream, verdict, msg.data)
                     )
@@ -567,6 +584,9 @@ class Ingest:
         # Acknowledge only now that the transaction has committed.
         for msg, ok in zip(msgs, verdicts, strict=True):
             await (msg.ack() if ok else msg.term())
+        telemetry.events_consumed.add(len(msgs))
+        for item in rejected:
+            telemetry.events_rejected.add(1, {"reason": item.reject.reason})
         for config, games in sorted(added.items()):
             log.info("%s: counted +%d games", config, games)
         if dead:
@@ -711,6 +731,11 @@ def serve(settings: Settings, *, exit_when_idle: bool = False) -> int:
     """``autoexport run``: start an embedded server if no URL is set, run until a signal."""
     from consumer.embedded import EmbeddedServer
 
+    try:
+        stop_telemetry = telemetry.setup_telemetry("autoexport")
+    except telemetry.TelemetryError as exc:
+        log.error("%s", exc)
+        return 2
     server = None
     if settings.nats_url is None:
         server = EmbeddedServer(
@@ -732,3 +757,4 @@ def serve(settings: Settings, *, exit_when_idle: bool = False) -> int:
     finally:
         if server is not None:
             server.stop()
+        stop_telemetry()
