@@ -5,6 +5,7 @@ from __future__ import annotations
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from consumer.telemetry import publish_span
 from schemas import subjects
 from schemas.events import DataSyncCompleted, SelfplayCompleted, encoder
 
@@ -20,5 +21,8 @@ async def publish_sync(js: JetStreamContext, event: DataSyncCompleted) -> PubAck
 
 
 async def _publish(js: JetStreamContext, subject: str, payload: bytes, msg_id: str) -> PubAck:
+    """Publish in a ``publish <subject>`` span whose context travels in the headers, so the
+    daemon's processing (and the export it triggers) joins this trace."""
     headers = {"Nats-Msg-Id": msg_id}
-    return await js.publish(subject, payload, headers=headers)
+    with publish_span(subject, headers, len(payload)):
+        return await js.publish(subject, payload, headers=headers)

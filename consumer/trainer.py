@@ -5,20 +5,38 @@ The reference for training services; ``autoexport watch`` and the demo's trainer
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import nats
 import numpy as np
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from consumer.streams import ensure_streams
+from consumer.telemetry import process_span
 from schemas import subjects
-from schemas.events import ExportEvent, export_event_decoder
+from schemas.events import (
+    ExportCompleted,
+    ExportEvent,
+    ExportFailed,
+    ExportStarted,
+    encoder,
+    export_event_decoder,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
 
 
 class DatasetMismatch(RuntimeError):
@@ -56,8 +74,18 @@ async def follow_exports(
             except NatsTimeoutError:
                 continue
             for msg in msgs:
-                yield export_event_decoder.decode(msg.data), msg
-                await msg.ack()
+                try:
+                    event = export_event_decoder.decode(msg.data)
+                except msgspec.DecodeError as exc:
+                    # Not ours (someone published junk under npz.export.>): skip it for good
+                    # rather than fail on every redelivery.
+                    log.warning("skipping %s (stream seq %d): %s", msg.subject,
+                                msg.metadata.sequence.stream, exc)  # fmt: skip
+                    await msg.term()
+                    continue
+                yield event, msg
+                if not msg.is_acked:  # the caller may have acked it already
+                    await msg.ack()
     finally:
         await sub.unsubscribe()
 
@@ -100,3 +128,75 @@ def describe_dataset(path: str) -> dict[str, Any]:
             "skipped_games": metadata.get("skipped_games", {}),
             "sources": len(metadata.get("sources", [])),
         }
+
+
+def describe_event(event: ExportEvent) -> str:
+    """One line per export event, for people (``autoexport watch``)."""
+    when = event.timestamp.isoformat(timespec="seconds")
+    match event:
+        case ExportStarted():
+            what = f"started   {event.games_pending} games pending"
+        case ExportCompleted():
+            what = (
+                f"complete  {event.games_exported} games, {event.samples} samples,"
+                f" {event.size_bytes / 2**20:.1f} MiB in {event.duration_seconds:.1f}s"
+                f" -> {event.output_path} (sha256 {event.sha256[:12]})"
+            )
+        case ExportFailed():
+            how = "timed out" if event.exit_code is None else f"exit {event.exit_code}"
+            error = event.error.strip().splitlines()[-1][:200] if event.error.strip() else "?"
+            what = (
+                f"FAILED    {how}, {event.consecutive_failures} in a row, retry at"
+                f" {event.retry_at.isoformat(timespec='seconds')}: {error}"
+            )
+    return f"{when}  {event.config:<12} {what}  [{event.export_id}]"
+
+
+async def watch_exports(
+    url: str,
+    emit: Callable[[str], None],
+    *,
+    config: str = "*",
+    durable: str | None = None,
+    new_only: bool = False,
+    as_json: bool = False,
+    count: int | None = None,
+) -> int:
+    """Follow ``npz.export.>`` (one config, or all) and ``emit`` each event as a line (its
+    JSON with ``as_json``); stop after ``count`` events. Returns how many were emitted.
+
+    Each event is handled in a ``process`` span continuing the trace its headers carry.
+    """
+    nc = await _connect(url)
+    emitted = 0
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        events = follow_exports(js, config=config, durable=durable, new_only=new_only)
+        async with contextlib.aclosing(events):
+            async for event, msg in events:
+                with process_span(
+                    msg.subject, msg.headers, len(msg.data), durable or "autoexport-watch"
+                ):
+                    emit(encoder.encode(event).decode() if as_json else describe_event(event))
+                emitted += 1
+                if count is not None and emitted >= count:
+                    await msg.ack()  # closing the generator skips its ack of this one
+                    break
+    finally:
+        await nc.close()
+    return emitted
+
+
+async def _connect(url: str) -> nats.aio.client.Client:
+    """Reconnect forever once connected (a watcher runs for days), but bound the first try."""
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats: %r", exc)
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(url, max_reconnect_attempts=-1, error_cb=error), CONNECT_TIMEOUT_S
+        )
+    except TimeoutError:
+        raise ConnectionError(f"cannot reach NATS at {url} in {CONNECT_TIMEOUT_S:.0f}s") from None

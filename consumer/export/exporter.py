@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -55,6 +56,7 @@ from consumer.export.segments import (
     cache_key,
     cache_lock,
 )
+from consumer.telemetry import attached, context_from_env
 from schemas.events import BoardType, NumPlayers
 from schemas.subjects import config_key
 
@@ -459,7 +461,9 @@ def export_main(args: argparse.Namespace) -> int:
         return 2
     progress = _TqdmProgress() if sys.stderr.isatty() and not args.no_progress else None
     try:
-        summary = run_export(options, progress or no_progress)
+        # The daemon passes its export span in TRACEPARENT: our spans join that trace.
+        with attached(context_from_env(os.environ)):
+            summary = run_export(options, progress or no_progress)
     except ExportError as exc:
         print(f"autoexport export: failed: {exc}", file=sys.stderr)
         return 1
