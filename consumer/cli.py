@@ -8,7 +8,23 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+
+def _traced(service: str, run: Callable[[], int]) -> int:
+    """Run a command with tracing and metrics as the OTEL_* variables say, flushed before
+    the process exits (the export job's spans must reach the collector)."""
+    from consumer.telemetry import TelemetryError, setup_telemetry
+
+    try:
+        shutdown = setup_telemetry(service)
+    except TelemetryError as exc:
+        print(f"autoexport: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run()
+    finally:
+        shutdown()
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +44,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from consumer.export.exporter import export_main
 
-    return export_main(args)
+    return _traced("autoexport-export", lambda: export_main(args))
 
 
 def _add_selfplay(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +66,7 @@ def _add_selfplay(sub: argparse._SubParsersAction) -> None:
 def _cmd_selfplay(args: argparse.Namespace) -> int:
     from consumer.selfplay import selfplay_main
 
-    return selfplay_main(args)
+    return _traced("autoexport-selfplay", lambda: selfplay_main(args))
 
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -88,7 +104,7 @@ RUN_FLAGS = (
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from consumer.daemon import serve
+    from consumer.daemon import check_job_template, serve
     from consumer.logs import setup_logging
     from schemas.settings import SettingsError, load_settings
 
@@ -96,6 +112,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         settings = load_settings(
             os.environ, args.config, {name: getattr(args, name) for name in RUN_FLAGS}
         )
+        check_job_template(settings)
     except SettingsError as exc:
         print(f"autoexport: {exc}", file=sys.stderr)
         return 2
@@ -140,9 +157,56 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     except (msgspec.ValidationError, ValueError) as exc:
         print(f"autoexport: invalid event: {exc}", file=sys.stderr)
         return 2
-    ack = asyncio.run(publish_event(_nats_url(args), event))
-    print(json.dumps({"event_id": event.event_id, **ack}))
-    return 0
+
+    def publish() -> int:
+        ack = asyncio.run(publish_event(_nats_url(args), event))
+        print(json.dumps({"event_id": event.event_id, **ack}))
+        return 0
+
+    return _traced("autoexport-publish", publish)
+
+
+def _add_watch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("watch", help="follow npz.export.> and print each event")
+    p.add_argument("--nats-url")
+    p.add_argument("--config", default="*", help="only this config, e.g. hex8_2p")
+    p.add_argument("--durable", metavar="NAME", help="a durable consumer: resume where NAME left")
+    p.add_argument("--new-only", action="store_true", help="skip events already in the stream")
+    p.add_argument("--json", action="store_true", help="one JSON event per line")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    p.set_defaults(command=_cmd_watch)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import nats.errors
+
+    from consumer.trainer import watch_exports
+    from schemas.subjects import InvalidConfigKey
+
+    def watch() -> int:
+        try:
+            asyncio.run(
+                watch_exports(
+                    _nats_url(args),
+                    lambda line: print(line, flush=True),
+                    config=args.config,
+                    durable=args.durable,
+                    new_only=args.new_only,
+                    as_json=args.json,
+                    count=args.count,
+                )
+            )
+        except InvalidConfigKey as exc:
+            print(f"autoexport watch: {exc}", file=sys.stderr)
+            return 2
+        except (ConnectionError, nats.errors.Error) as exc:
+            print(f"autoexport watch: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        return 0
+
+    return _traced("autoexport-watch", watch)
 
 
 def _add_operator(sub: argparse._SubParsersAction) -> None:
@@ -233,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator(sub)
     _add_export(sub)
     _add_selfplay(sub)
+    _add_watch(sub)
     _add_demo(sub)
     return parser
 

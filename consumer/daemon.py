@@ -43,6 +43,7 @@ from consumer.export.npzwrite import cleanup_stale_temp_files
 from consumer.jobs import (
     ValidatedOutput,
     build_argv,
+    check_template,
     kill_stale_group,
     process_identity,
     run_job,
@@ -66,7 +67,7 @@ from schemas.events import (
     ExportStarted,
     encoder,
 )
-from schemas.settings import Settings
+from schemas.settings import Settings, SettingsError
 
 log = logging.getLogger("autoexport")
 
@@ -433,6 +434,21 @@ def _clean_up_attempt(output_path: str, pgid: int | None, identity: str | None) 
 def new_export_id(config: str, now: float) -> str:
     stamp = utc(now).strftime("%Y%m%dT%H%M%SZ")
     return f"{config}-{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+JOB_FIELDS = (
+    "board_type", "num_players", "config", "games_dir", "output_dir", "output_path",
+    "min_moves", "export_id",
+)  # fmt: skip
+
+
+def check_job_template(settings: Settings) -> None:
+    """Refuse at start an export_command naming a field no job ever gets."""
+    if settings.export_command is not None:
+        try:
+            check_template(settings.export_command, JOB_FIELDS)
+        except ValueError as exc:
+            raise SettingsError(f"invalid setting export_command: {exc}") from None
 
 
 def job_argv(settings: Settings, fields: Mapping[str, object]) -> list[str]:

@@ -142,6 +142,16 @@ async def test_survives_the_server_going_away_and_its_consumer_being_deleted(
         await nc.close()
 
 
+def test_an_export_command_with_an_unknown_field_stops_the_start(tmp_path: Path) -> None:
+    env = {**os.environ, "AUTOEXPORT_EXPORT_COMMAND": "exporter --out {output}"}
+    out = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "run", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "export_command" in out.stderr and "{output}" in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
