@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 import nats
+import nats.errors
 import numpy as np
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -67,13 +68,14 @@ async def follow_exports(
     )
     info = await js.add_consumer(subjects.EXPORTS_STREAM, consumer)
     sub = await js.pull_subscribe_bind(info.name, subjects.EXPORTS_STREAM)
+    fetched: list[Msg] = []
     try:
         while True:
             try:
-                msgs = await sub.fetch(16, timeout=5.0)
+                fetched = await sub.fetch(16, timeout=5.0)
             except NatsTimeoutError:
                 continue
-            for msg in msgs:
+            for msg in fetched:
                 try:
                     event = export_event_decoder.decode(msg.data)
                 except msgspec.DecodeError as exc:
@@ -87,6 +89,12 @@ async def follow_exports(
                 if not msg.is_acked:  # the caller may have acked it already
                     await msg.ack()
     finally:
+        # Hand back what was fetched but not handled (the caller stopped or failed), so the
+        # next reader of a durable gets it now rather than after ack_wait.
+        for msg in fetched:
+            if not msg.is_acked:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()
         await sub.unsubscribe()
 
 
@@ -167,6 +175,8 @@ async def watch_exports(
 
     Each event is handled in a ``process`` span continuing the trace its headers carry.
     """
+    if config != "*":
+        subjects.parse_config_key(config)  # before connecting: a typo fails at once
     nc = await _connect(url)
     emitted = 0
     try:
