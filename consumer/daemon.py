@@ -48,7 +48,7 @@ from consumer.jobs import (
     process_identity,
     run_job,
 )
-from consumer.store import Outgoing, RejectedMessage, Store
+from consumer.store import Outgoing, RejectedMessage, Store, StoreError
 from consumer.streams import ensure_streams
 from consumer.telemetry import (
     extract_context,
@@ -673,10 +673,15 @@ async def run_daemon(
     assert settings.nats_url is not None, "start an embedded server first"
     for directory in (settings.games_dir, settings.output_dir):
         os.makedirs(directory or "", exist_ok=True)
+    try:
+        store = await Store.open(settings.state_db or "", owner=True)
+    except StoreError as exc:
+        log.error("%s", exc)
+        return 1
     nc = await connect(settings.nats_url, stop)
     if nc is None:
+        await store.close()
         return 0
-    store = await Store.open(settings.state_db or "")
     try:
         js = nc.jetstream()
         outbox = Outbox(store, js)

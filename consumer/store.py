@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiosqlite
 from msgspec import Struct
@@ -129,15 +130,19 @@ class StoreError(RuntimeError):
 class Store:
     """One open state database. Create with ``await Store.open(path)``."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, owner_lock: IO[bytes] | None = None) -> None:
         self._db = db
+        self._owner_lock = owner_lock
         # One connection serves every task: a lock keeps one task's statements out of
         # another's open transaction.
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str | Path) -> Store:
+    async def open(cls, path: str | Path, *, owner: bool = False) -> Store:
+        """Open (and create) the state database. ``owner``: this process is the daemon that
+        writes it; a second daemon on the same file is refused instead of racing the first."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        owner_lock = _lock_owner(Path(path)) if owner else None
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
             await _check_version(db, path)  # before touching a file of another version
@@ -146,16 +151,19 @@ class Store:
             await db.execute("PRAGMA busy_timeout=5000")
             await db.executescript(SCHEMA)
             await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:
             await db.close()
+            if owner_lock is not None:
+                owner_lock.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"state database {path} is unusable: {exc}") from exc
-        except StoreError:
-            await db.close()
-            raise
-        return cls(db)
+        return cls(db, owner_lock)
 
     async def close(self) -> None:
         await self._db.close()
+        if self._owner_lock is not None:
+            self._owner_lock.close()  # releases the flock
 
     async def __aenter__(self) -> Store:
         return self
@@ -493,6 +501,19 @@ class Store:
             "rejected_by_reason": rejected,
             "unpublished_events": unpublished[0][0],
         }
+
+
+def _lock_owner(path: Path) -> IO[bytes]:
+    lock = (path.parent / f"{path.name}.lock").open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StoreError(
+            f"state database {path} is in use by another autoexport daemon; "
+            "give each daemon its own --data-dir or --state-db"
+        ) from None
+    return lock
 
 
 async def _check_version(db: aiosqlite.Connection, path: str | Path) -> None:

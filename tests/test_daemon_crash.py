@@ -256,3 +256,22 @@ async def test_waits_for_jetstream_when_the_server_has_none_then_counts(tmp_path
     finally:
         stop(plain)
         stop(daemon)
+
+
+async def test_a_second_daemon_on_the_same_state_database_is_refused(
+    tmp_path: Path, nats_server: EmbeddedServer
+) -> None:
+    first = start_daemon(tmp_path, nats_server.url)
+    try:
+        await wait_for_status(nats_server.url, lambda s: True)
+        second = subprocess.run(
+            [sys.executable, "-m", "consumer.cli", "run", "--nats-url", nats_server.url,
+             "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert "in use by another autoexport daemon" in second.stderr
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(20) == 0
