@@ -55,10 +55,21 @@ def exporters_for(signal: str, environ: Mapping[str, str]) -> list[str]:
     return [n for n in names if n != "none"]
 
 
-def _otlp_exporter(signal: str, environ: Mapping[str, str]) -> Any:
-    name = signal.upper()
+def _exporter_factory(signal: str, name: str, environ: Mapping[str, str]) -> Callable[[], Any]:
+    """What builds exporter ``name`` for ``signal``; checked (and OTLP imported) now, so a
+    setting this process cannot honour fails at start."""
+    if name == "console":
+        # stderr: the export job's stdout carries its result line.
+        if signal == "traces":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            return lambda: ConsoleSpanExporter(out=sys.stderr)
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        return lambda: ConsoleMetricExporter(out=sys.stderr)
+    variable = signal.upper()
     protocol = (
-        environ.get(f"OTEL_EXPORTER_OTLP_{name}_PROTOCOL")
+        environ.get(f"OTEL_EXPORTER_OTLP_{variable}_PROTOCOL")
         or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     )
@@ -77,10 +88,10 @@ def _otlp_exporter(signal: str, environ: Mapping[str, str]) -> Any:
         package = OTLP_MODULES[protocol].replace(".", "-")
         hint = "pip install 'autoexport[otlp]'" if protocol == "http/protobuf" else ""
         raise TelemetryError(
-            f"OTEL_{name}_EXPORTER=otlp ({protocol}) needs the {package} package"
+            f"OTEL_{variable}_EXPORTER=otlp ({protocol}) needs the {package} package"
             + (f": {hint}" if hint else "")
         ) from None
-    return getattr(found, cls)()
+    return getattr(found, cls)  # it reads the endpoint, headers and timeout from OTEL_*
 
 
 def setup_telemetry(
@@ -94,32 +105,27 @@ def setup_telemetry(
     """
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return lambda: None
-    span_exporters = exporters_for("traces", environ)
-    metric_exporters = exporters_for("metrics", environ)
+    span_exporters = [
+        _exporter_factory("traces", n, environ) for n in exporters_for("traces", environ)
+    ]
+    metric_exporters = [
+        _exporter_factory("metrics", n, environ) for n in exporters_for("metrics", environ)
+    ]
     if not span_exporters and not metric_exporters:
         return lambda: None
 
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import (
-        ConsoleMetricExporter,
-        PeriodicExportingMetricReader,
-    )
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME") or service_name})
     stops: list[Callable[[], None]] = []
     if span_exporters and not isinstance(trace.get_tracer_provider(), TracerProvider):
         tracer_provider = TracerProvider(resource=resource)
-        for name in span_exporters:
-            # Console output goes to stderr: the export job's stdout carries its result line.
-            exporter = (
-                ConsoleSpanExporter(out=sys.stderr)
-                if name == "console"
-                else _otlp_exporter("traces", environ)
-            )
-            tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        for make in span_exporters:
+            tracer_provider.add_span_processor(BatchSpanProcessor(make()))
         trace.set_tracer_provider(tracer_provider)
 
         def stop_traces() -> None:
@@ -128,14 +134,7 @@ def setup_telemetry(
 
         stops.append(stop_traces)
     if metric_exporters and not isinstance(metrics.get_meter_provider(), MeterProvider):
-        readers = [
-            PeriodicExportingMetricReader(
-                ConsoleMetricExporter(out=sys.stderr)
-                if name == "console"
-                else _otlp_exporter("metrics", environ)
-            )
-            for name in metric_exporters
-        ]
+        readers = [PeriodicExportingMetricReader(make()) for make in metric_exporters]
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         metrics.set_meter_provider(meter_provider)
         stops.append(lambda: meter_provider.shutdown(timeout_millis=FLUSH_TIMEOUT_MS))
