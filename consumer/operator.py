@@ -26,10 +26,26 @@ class RequestRefused(RuntimeError):
     pass
 
 
+async def _connect(url: str, timeout_s: float) -> nats.aio.client.Client:
+    """One short-lived connection that fails fast and quietly when the server is not there
+    (nats-py's max_reconnect_attempts=0 means "forever", and it logs each try)."""
+
+    async def quiet(exc: Exception) -> None:
+        pass
+
+    return await nats.connect(
+        url,
+        connect_timeout=timeout_s,
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.2,
+        error_cb=quiet,
+    )
+
+
 async def request(url: str, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """One request to the daemon's micro service; raises with the daemon's own reason."""
     try:
-        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0)
+        nc = await _connect(url, timeout_s=3)
     except (OSError, nats.errors.Error) as exc:
         raise DaemonUnreachable(f"cannot connect to NATS at {url}: {exc!r}") from None
     try:
@@ -54,7 +70,7 @@ async def status_from_file(state_db: str) -> dict[str, Any]:
 
 
 async def publish_event(url: str, event: SelfplayCompleted | DataSyncCompleted) -> dict[str, Any]:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await _connect(url, timeout_s=5)
     try:
         js = nc.jetstream()
         await ensure_streams(js)
