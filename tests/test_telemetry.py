@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from test_gamestore import make_games, write_games
 
 from consumer import telemetry
 from consumer.embedded import EmbeddedServer
+from consumer.logs import JsonFormatter
 from consumer.publish import publish_selfplay
 from consumer.streams import ensure_streams
 from consumer.telemetry import attached, exporters_for, extract_context, setup_telemetry
@@ -540,3 +542,22 @@ def test_the_daemon_refuses_to_start_with_an_unknown_exporter(tmp_path: Path) ->
     )  # fmt: skip
     assert proc.returncode == 2
     assert "OTEL_TRACES_EXPORTER='jaeger': unknown exporter 'jaeger'" in proc.stderr
+
+
+def test_json_log_lines_carry_the_trace_they_were_written_in(
+    spans: InMemorySpanExporter,
+) -> None:
+    formatter = JsonFormatter()
+    record = logging.LogRecord(
+        "autoexport", logging.INFO, __file__, 1, "%s: counted +%d games", ("hex8_2p", 5), None
+    )
+    with telemetry.tracer.start_as_current_span("process x") as span:
+        inside = json.loads(formatter.format(record))
+    outside = json.loads(formatter.format(record))
+    context = span.get_span_context()
+    assert inside["msg"] == "hex8_2p: counted +5 games"
+    assert (inside["trace_id"], inside["span_id"]) == (
+        f"{context.trace_id:032x}",
+        f"{context.span_id:016x}",
+    )
+    assert "trace_id" not in outside
