@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from nats.aio.client import Client
 from nats.micro import add_service
-from nats.micro.request import Request
+from nats.micro.request import Request, ServiceError
 from nats.micro.service import EndpointConfig, Service, ServiceConfig
 
 from schemas import subjects
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 VERSION = "0.1.0"
 
+log = logging.getLogger("autoexport")
+
 
 class ConfigRequest(msgspec.Struct, frozen=True):
     config: str
@@ -31,22 +34,16 @@ _config_request = msgspec.json.Decoder(ConfigRequest)
 
 
 def _parse_config(data: bytes) -> str:
-    """The config named in a request, validated; raises ValueError with the reason."""
+    """The config named in a request, validated. Raising ServiceError lets the micro
+    library answer with the reason and count the error in ``nats micro stats``."""
     try:
         config = _config_request.decode(data).config
+        subjects.parse_config_key(config)
     except msgspec.DecodeError as exc:
-        raise ValueError(f'expected {{"config": "<board>_<n>p"}}: {exc}') from None
-    subjects.parse_config_key(config)
+        raise ServiceError("400", f'expected {{"config": "<board>_<n>p"}}: {exc}') from None
+    except subjects.InvalidConfigKey as exc:
+        raise ServiceError("400", str(exc)) from None
     return config
-
-
-async def _config_or_refuse(req: Request) -> str | None:
-    """The request's config, or None after answering with a 400 saying why."""
-    try:
-        return _parse_config(req.data)
-    except ValueError as exc:
-        await req.respond_error("400", str(exc))
-        return None
 
 
 async def start(nc: Client, store: Store, scheduler: Scheduler) -> Service:
@@ -59,20 +56,19 @@ async def start(nc: Client, store: Store, scheduler: Scheduler) -> Service:
         await req.respond(msgspec.json.encode(body))
 
     async def export_now(req: Request) -> None:
-        if (config := await _config_or_refuse(req)) is None:
-            return
+        config = _parse_config(req.data)
         board_type, num_players = subjects.parse_config_key(config)
         await store.request_export(config, board_type, num_players, time.time())
+        log.info("%s: export requested by an operator", config)
         scheduler.kick()
         await req.respond(msgspec.json.encode({"ok": True, "config": config, "requested": True}))
 
     def pauser(paused: bool):
         async def handler(req: Request) -> None:
-            if (config := await _config_or_refuse(req)) is None:
-                return
+            config = _parse_config(req.data)
             if not await store.set_paused(config, paused, time.time()):
-                await req.respond_error("404", f"config {config} is not tracked")
-                return
+                raise ServiceError("404", f"config {config} is not tracked")
+            log.info("%s: %s by an operator", config, "paused" if paused else "resumed")
             scheduler.kick()
             await req.respond(msgspec.json.encode({"ok": True, "config": config, "paused": paused}))
 

@@ -74,8 +74,10 @@ async def test_ping_info_and_stats_follow_the_micro_spec(
         # wait_for_status asked too, while the daemon started
         assert by_name["status"]["num_requests"] >= 2
         assert by_name["status"]["num_errors"] == 0
-        # nats-py counts an error only when a handler raises; the daemon answers a refusal.
+        # A refused request counts as the endpoint's error, with the reason.
         assert by_name["export-now"]["num_requests"] == 1
+        assert by_name["export-now"]["num_errors"] == 1
+        assert "no good" in by_name["export-now"]["last_error"]
         assert stats["started"]
 
 
