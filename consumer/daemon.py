@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import Link, SpanKind, StatusCode
 
 from consumer import control, telemetry
 from consumer.decide import (
@@ -235,21 +235,29 @@ class Scheduler:
     async def _run_export(self, start: StartExport) -> None:
         settings, store, config = self._settings, self._store, start.config
         board_type, num_players = subjects.parse_config_key(config)
-        parent, links = trigger_context(self.triggers.pop(config, []))
+        resumed = None
+        if start.resume_export_id:
+            resumed = await store.resume_export(
+                start.resume_export_id, start.games_pending, time.time()
+            )
+            # A resumed attempt continues the trace of the first one.
+            parent = extract_context({"traceparent": resumed.traceparent or ""})
+            links: list[Link] = []
+        else:
+            parent, links = trigger_context(self.triggers.pop(config, []))
         with tracer.start_as_current_span(
             f"export {config}", kind=SpanKind.INTERNAL, links=links, context=parent
         ) as span:
             now = time.time()
             output_path = os.path.join(settings.output_dir or "", f"{config}.npz")
-            if start.resume_export_id:
+            if start.resume_export_id and resumed is not None:
                 export_id = start.resume_export_id
-                attempt, pgid, identity = await store.resume_export(
-                    export_id, start.games_pending, now
+                await asyncio.to_thread(
+                    _clean_up_attempt, output_path, resumed.job_pgid, resumed.job_identity
                 )
-                await asyncio.to_thread(_clean_up_attempt, output_path, pgid, identity)
                 log.info(
                     "%s: resuming interrupted export %s (attempt %d, %d games pending)",
-                    config, export_id, attempt, start.games_pending,
+                    config, export_id, resumed.attempt, start.games_pending,
                 )  # fmt: skip
             else:
                 export_id = new_export_id(config, now)

@@ -123,6 +123,15 @@ class RejectedMessage(Struct, frozen=True):
     payload: bytes
 
 
+class Resumed(Struct, frozen=True, kw_only=True):
+    """A new attempt of an interrupted export, and what the previous attempt left."""
+
+    attempt: int
+    job_pgid: int | None
+    job_identity: str | None
+    traceparent: str | None  # of the first attempt's export span
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -341,15 +350,11 @@ class Store:
             )
             await self._enqueue([announce])
 
-    async def resume_export(
-        self, export_id: str, games_pending: int, now: float
-    ) -> tuple[int, int | None, str | None]:
-        """Another attempt of an interrupted export, with the games pending now.
-
-        Returns the attempt number and the previous attempt's job group and identity."""
+    async def resume_export(self, export_id: str, games_pending: int, now: float) -> Resumed:
+        """Another attempt of an interrupted export, with the games pending now."""
         async with self._transaction():
             async with self._db.execute(
-                "SELECT attempts, job_pgid, job_identity FROM exports"
+                "SELECT attempts, job_pgid, job_identity, traceparent FROM exports"
                 " WHERE export_id = ? AND status = 'running'",
                 (export_id,),
             ) as cur:
@@ -361,7 +366,8 @@ class Store:
                 " job_pgid = NULL, job_identity = NULL WHERE export_id = ?",
                 (games_pending, now, export_id),
             )
-        return int(row[0]) + 1, row[1], row[2]
+        return Resumed(attempt=int(row[0]) + 1, job_pgid=row[1], job_identity=row[2],
+                       traceparent=row[3])  # fmt: skip
 
     async def record_job(self, export_id: str, pgid: int, identity: str | None) -> None:
         """Remember the job's process group, so a restarted daemon can stop a leftover."""

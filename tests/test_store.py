@@ -17,6 +17,7 @@ from consumer.store import (
     SCHEMA_VERSION,
     Outgoing,
     RejectedMessage,
+    Resumed,
     Store,
     StoreError,
 )
@@ -438,8 +439,8 @@ async def test_an_export_finishes_only_once(store: Store) -> None:
 async def test_resume_export_increments_attempts(store: Store) -> None:
     await store.record_messages([counted([("b1", 120)])], [], [], now=T0)
     await start_export(store, "exp-1")
-    assert (await store.resume_export("exp-1", 120, now=T0 + 1))[0] == 2
-    assert (await store.resume_export("exp-1", 120, now=T0 + 2))[0] == 3
+    assert (await store.resume_export("exp-1", 120, now=T0 + 1)).attempt == 2
+    assert (await store.resume_export("exp-1", 120, now=T0 + 2)).attempt == 3
     with pytest.raises(StoreError):
         await store.resume_export("never-started", 0, now=T0)
 
@@ -447,10 +448,18 @@ async def test_resume_export_increments_attempts(store: Store) -> None:
 async def test_resume_export_hands_back_the_previous_job_once(store: Store) -> None:
     await store.record_messages([counted([("b1", 120)])], [], [], now=T0)
     await start_export(store, "exp-1")
-    assert await store.resume_export("exp-1", 120, now=T0 + 1) == (2, None, None)
+
+    def job(resumed: Resumed) -> tuple[int, int | None, str | None]:
+        return resumed.attempt, resumed.job_pgid, resumed.job_identity
+
+    assert job(await store.resume_export("exp-1", 120, now=T0 + 1)) == (2, None, None)
     await store.record_job("exp-1", 4242, "python export 4242")
-    assert await store.resume_export("exp-1", 120, now=T0 + 2) == (3, 4242, "python export 4242")
-    assert await store.resume_export("exp-1", 120, now=T0 + 3) == (4, None, None)
+    assert job(await store.resume_export("exp-1", 120, now=T0 + 2)) == (
+        3,
+        4242,
+        "python export 4242",
+    )
+    assert job(await store.resume_export("exp-1", 120, now=T0 + 3)) == (4, None, None)
 
 
 async def test_a_finished_export_cannot_be_resumed(store: Store) -> None:
@@ -474,8 +483,8 @@ async def test_an_interrupted_export_is_found_after_a_restart(db_path: Path) -> 
         assert state.running_export_id == "exp-1"
         assert state.games_pending == 150
         assert (await after_restart.status(now=T0))["states"]["hex8_2p"]["in_progress"] is True
-        attempt, _, _ = await after_restart.resume_export("exp-1", state.games_pending, T0 + 2)
-        assert attempt == 2
+        resumed = await after_restart.resume_export("exp-1", state.games_pending, T0 + 2)
+        assert resumed.attempt == 2
         await after_restart.record_messages([counted([("b3", 5)])], [], [], now=T0 + 3)
         await after_restart.finish_export_success(
             "exp-1",
