@@ -19,7 +19,6 @@ import nats
 import nats.errors
 import numpy as np
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -73,7 +72,7 @@ async def follow_exports(
         while True:
             try:
                 fetched = await sub.fetch(16, timeout=5.0)
-            except NatsTimeoutError:
+            except TimeoutError:  # nats' and asyncio's: nothing new yet
                 continue
             for msg in fetched:
                 try:
