@@ -24,7 +24,6 @@ import numpy as np
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
 from consumer.export.gamestore import GameStore, StoreError, StoreSpec
@@ -385,7 +384,7 @@ async def _publish(js: JetStreamContext, event: SelfplayCompleted) -> None:
         try:
             await publish_selfplay(js, event)
             return
-        except (NatsTimeoutError, NoRespondersError) as exc:
+        except (TimeoutError, NoRespondersError) as exc:  # nats. and asyncio. timeouts
             if attempt == PUBLISH_ATTEMPTS - 1:
                 raise ConnectionError(
                     f"batch {event.batch_id} ({event.games} games) is in {event.db_path} but "
