@@ -104,8 +104,9 @@ RUN_FLAGS = (
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from consumer.daemon import check_job_template, serve
+    from consumer.daemon import serve
     from consumer.logs import setup_logging
+    from consumer.scheduler import check_job_template
     from schemas.settings import SettingsError, load_settings
 
     try:

@@ -18,7 +18,7 @@ from nats.micro.service import EndpointConfig, Service, ServiceConfig
 from schemas import subjects
 
 if TYPE_CHECKING:
-    from consumer.daemon import Scheduler
+    from consumer.scheduler import Scheduler
     from consumer.store import Store
 
 VERSION = "0.1.0"

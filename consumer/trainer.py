@@ -86,7 +86,9 @@ async def follow_exports(
                     continue
                 yield event, msg
                 if not msg.is_acked:  # the caller may have acked it already
-                    await msg.ack()
+                    # Synchronous: once this returns, the server has recorded the ack, so a
+                    # trainer that stops right after never sees this event again.
+                    await msg.ack_sync()
     finally:
         # Hand back what was fetched but not handled (the caller stopped or failed), so the
         # next reader of a durable gets it now rather than after ack_wait.

@@ -149,3 +149,7 @@ selfplay_decoder = msgspec.json.Decoder(SelfplayCompleted)
 sync_decoder = msgspec.json.Decoder(DataSyncCompleted)
 export_event_decoder = msgspec.json.Decoder(ExportEvent)
 encoder = msgspec.json.Encoder()
+
+
+def utc_from_unix(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
