@@ -192,7 +192,7 @@ async def watch_exports(
                     emit(encoder.encode(event).decode() if as_json else describe_event(event))
                 emitted += 1
                 if count is not None and emitted >= count:
-                    await msg.ack()  # closing the generator skips its ack of this one
+                    await msg.ack_sync()  # closing the generator skips its ack of this one
                     break
     finally:
         await nc.close()
