@@ -1,0 +1,1 @@
+"""The autoexport benchmark suite: ``python -m bench`` (see BENCHMARKS.md)."""
