@@ -137,6 +137,7 @@ class Hold(Struct, frozen=True, kw_only=True):
     """Not now. ``until`` is when time alone lifts the hold (None: an event or slot must)."""
 
     config: str
+    kind: str  # running | paused | threshold | backoff | cooldown | slots
     reason: str
     until: float | None = None
 
@@ -151,28 +152,39 @@ def gate(
     """
     config = state.config
     if live:
-        return Hold(config=config, reason="an export of this config is running")
+        return Hold(config=config, kind="running", reason="an export of this config is running")
     forced = state.force_requested
     resuming = state.running_export_id is not None
     if not (forced or resuming):
         if state.paused:
-            return Hold(config=config, reason="paused by an operator")
+            return Hold(config=config, kind="paused", reason="paused by an operator")
         if state.games_pending < policy.threshold:
             return Hold(
                 config=config,
+                kind="threshold",
                 reason=f"{state.games_pending}/{policy.threshold} games pending",
             )
         if state.backoff_until > now:
             return Hold(
                 config=config,
+                kind="backoff",
                 reason=f"backing off after {state.consecutive_failures} failed exports",
                 until=state.backoff_until,
             )
         ready_at = state.last_export_time + policy.cooldown_s
         if state.last_export_time > 0 and ready_at > now:
-            return Hold(config=config, reason="in cooldown since the last export", until=ready_at)
+            return Hold(
+                config=config,
+                kind="cooldown",
+                reason="in cooldown since the last export",
+                until=ready_at,
+            )
     if running_total >= policy.max_concurrent:
-        return Hold(config=config, reason=f"all {policy.max_concurrent} export slots are busy")
+        return Hold(
+            config=config,
+            kind="slots",
+            reason=f"all {policy.max_concurrent} export slots are busy",
+        )
     return StartExport(
         config=config,
         games_pending=state.games_pending,

@@ -28,6 +28,7 @@ from consumer.scheduler import Scheduler
 from consumer.store import Outgoing, RejectedMessage, Store
 from consumer.streams import ensure_streams
 from consumer.telemetry import (
+    header_traceparent,
     process_span,
     traceparent_of,
 )
@@ -41,6 +42,20 @@ from schemas.settings import Settings
 log = logging.getLogger("autoexport")
 
 FETCH_TIMEOUT_S = 1.0
+PULL_STATUS_CODES = (400, 408, 409)
+
+
+def _summarize(added: dict[str, int], shown: int = 5) -> str:
+    """``+50 hex8_2p, +10 go9_2p`` (the largest first), then how many more configs."""
+    top = sorted(added.items(), key=lambda item: (-item[1], item[0]))
+    text = ", ".join(f"+{games} games {config}" for config, games in top[:shown])
+    return text + (f" and {len(top) - shown} more configs" if len(top) > shown else "")
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, APIError):
+        return f"{type(exc).__name__} {exc.code} {exc.description}"
+    return repr(exc)
 
 
 def consumer_config(settings: Settings) -> ConsumerConfig:
@@ -52,7 +67,8 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         ack_wait=settings.ack_wait_seconds,
         max_deliver=settings.max_deliver,
         max_ack_pending=settings.max_ack_pending,
-        filter_subjects=list(subjects.EVENTS_SUBJECTS),
+        # No filter_subjects: the stream holds only the inbound subjects, and a filter over
+        # many distinct subjects makes the server deliver about 10x slower.
     )
 
 
@@ -89,11 +105,11 @@ class Ingest:
                         self._settings.durable_name,
                     )
                 assert self._sub is not None
-                # Heartbeats during the pull tell a dead server from an empty stream.
+                # No idle heartbeats: nats-py sends its follow-up pull with what is left of
+                # the timeout, and the server refuses a heartbeat larger than half of that
+                # (400). A 1 s pull notices a dead server as quickly.
                 msgs = await self._sub.fetch(
-                    self._settings.fetch_batch_size,
-                    timeout=FETCH_TIMEOUT_S,
-                    heartbeat=FETCH_TIMEOUT_S / 4,
+                    self._settings.fetch_batch_size, timeout=FETCH_TIMEOUT_S
                 )
             except TimeoutError:  # nats.errors.TimeoutError and asyncio's: nothing to fetch
                 self.caught_up.set()
@@ -103,12 +119,17 @@ class Ingest:
                 nats.errors.NoRespondersError,
                 nats.errors.ConnectionReconnectingError,
             ) as exc:
+                if isinstance(exc, APIError) and exc.code in PULL_STATUS_CODES:
+                    # A status about this one pull request (bad request, expired, too many
+                    # waiting pulls): the consumer is fine, pull again.
+                    log.debug("pull answered %s %s", exc.code, exc.description)
+                    continue
                 # The consumer or stream was deleted, or JetStream is unavailable: fetch would
                 # fail instantly forever, so re-provision, pausing longer each time.
                 log.warning(
-                    "JetStream unavailable (%r): no JetStream on the server, or the stream"
+                    "JetStream unavailable (%s): no JetStream on the server, or the stream"
                     " or consumer was deleted; re-provisioning in %.1fs",
-                    exc,
+                    _describe(exc),
                     retry.next_s,
                 )
                 await self._drop_subscription()
@@ -139,28 +160,31 @@ class Ingest:
         dead: list[Outgoing] = []
         verdicts: list[bool] = []
         now = time.time()
+        # Without a tracer provider a span per message only costs time; the message's own
+        # traceparent is then what the export continues.
+        tracing = telemetry.tracing_enabled()
         for msg in msgs:
-            meta = msg.metadata
-            with process_span(
-                msg.subject, msg.headers, len(msg.data), self._settings.durable_name
-            ) as span:
+            span_cm = (
+                process_span(msg.subject, msg.headers, len(msg.data), self._settings.durable_name)
+                if tracing
+                else contextlib.nullcontext(None)
+            )
+            with span_cm as span:
                 verdict = classify(msg.subject, msg.data)
                 if isinstance(verdict, Reject):
-                    span.set_status(StatusCode.ERROR, f"rejected: {verdict.reason}")
-                    rejected.append(
-                        RejectedMessage(msg.subject, meta.sequence.stream, verdict, msg.data)
-                    )
+                    if span is not None:
+                        span.set_status(StatusCode.ERROR, f"rejected: {verdict.reason}")
+                    seq = msg.metadata.sequence.stream
+                    rejected.append(RejectedMessage(msg.subject, seq, verdict, msg.data))
                     dead.append(self._dead_letter(msg, verdict, now))
                     log.warning(
                         "rejected %s (stream seq %d): %s: %s",
-                        msg.subject,
-                        meta.sequence.stream,
-                        verdict.reason,
-                        verdict.detail,
-                    )
+                        msg.subject, seq, verdict.reason, verdict.detail,
+                    )  # fmt: skip
                 else:
                     counted.append(verdict)
-                    if (tp := traceparent_of()) is not None:
+                    tp = traceparent_of() if tracing else header_traceparent(msg.headers)
+                    if tp is not None:
                         self._scheduler.note_trigger(verdict.config, tp)
                 verdicts.append(isinstance(verdict, Counted))
         added = await self._store.record_messages(counted, rejected, dead, now)
@@ -170,8 +194,8 @@ class Ingest:
         telemetry.events_consumed.add(len(msgs))
         for item in rejected:
             telemetry.events_rejected.add(1, {"reason": item.reject.reason})
-        for config, games in sorted(added.items()):
-            log.info("%s: counted +%d games", config, games)
+        if added:
+            log.info("counted %s", _summarize(added))
         if dead:
             self._outbox.notify()
         if added:

@@ -107,12 +107,15 @@ class Scheduler:
         await self.shutdown()
 
     def _note_holds(self, holds: tuple[Hold, ...]) -> None:
+        """Log a hold when its kind changes. Waiting for games is the normal state of every
+        config between exports: that one is logged at DEBUG, not once per batch."""
         previous, self.holds = self.holds, {h.config: h for h in holds}
         for hold in holds:
             old = previous.get(hold.config)
-            if old is None or old.reason != hold.reason:
+            if old is None or old.kind != hold.kind:
                 until = f" until {utc(hold.until).isoformat()}" if hold.until else ""
-                log.info("%s: export held: %s%s", hold.config, hold.reason, until)
+                level = logging.DEBUG if hold.kind == "threshold" else logging.INFO
+                log.log(level, "%s: export held: %s%s", hold.config, hold.reason, until)
 
     async def shutdown(self) -> None:
         """Cancel running jobs: run_job kills their process groups. Their persisted intent

@@ -172,6 +172,19 @@ def inject_headers(headers: dict[str, str], context: Context | None = None) -> d
     return headers
 
 
+def tracing_enabled() -> bool:
+    """A tracer provider is installed (setup_telemetry, or a test's): spans are worth making."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def header_traceparent(headers: Mapping[str, str] | None) -> str | None:
+    """The message's ``traceparent`` header, whatever its case."""
+    for key, value in (headers or {}).items():
+        if key.lower() == "traceparent":
+            return value
+    return None
+
+
 def extract_context(headers: Mapping[str, str] | None) -> Context:
     """The context a message's headers carry; a missing or malformed ``traceparent`` gives
     an empty context (a new trace), never an error."""

@@ -46,7 +46,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Batch ids (the dedupe memory) and rejected messages are forgotten after this long.
     # Keep it well past the events stream's 7-day retention: an older batch announced
     # again would count again.
-    retention_days: Annotated[float, Meta(ge=8)] = 30.0
+    retention_days: Annotated[float, Meta(ge=8)] = 14.0
 
     durable_name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "autoexport"
     fetch_batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 1000

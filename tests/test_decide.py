@@ -684,7 +684,10 @@ def test_gate_cooldown_applies_only_after_a_first_export() -> None:
     once = state(last_export_time=1.0)
     decision = gate(once, live=False, running_total=0, policy=policy, now=NOW)
     assert decision == Hold(
-        config="hex8_2p", reason="in cooldown since the last export", until=1.0 + 10 * NOW
+        config="hex8_2p",
+        kind="cooldown",
+        reason="in cooldown since the last export",
+        until=1.0 + 10 * NOW,
     )
 
 
