@@ -50,7 +50,7 @@ async def start(nc: Client, store: Store, scheduler: Scheduler) -> Service:
     async def status(req: Request) -> None:
         body: dict[str, Any] = await store.status()
         body["running_exports"] = scheduler.running
-        for config, hold in scheduler.holds.items():
+        for config, hold in scheduler.explain(await store.config_states()).items():
             if config in body["states"]:
                 body["states"][config]["held"] = hold.reason
         await req.respond(msgspec.json.encode(body))

@@ -60,24 +60,28 @@ def classify(subject: str, payload: bytes) -> Counted | Reject:
     else:
         return Reject(reason="unknown_subject", detail=f"no handler for subject {subject!r}")
     try:
-        token = subjects.config_from_subject(subject, prefix)
-    except subjects.InvalidConfigKey as exc:
-        return Reject(reason="subject_mismatch", detail=str(exc))
-    try:
         event = decoder.decode(payload)
     except msgspec.ValidationError as exc:
         return Reject(reason="invalid_event", detail=str(exc))
     except msgspec.DecodeError as exc:
         return Reject(reason="malformed_json", detail=str(exc))
-    if event.config != token:
+    # The decoder validated board type and players, so this is a valid key; a subject token
+    # equal to it is valid too, and the regexes run only for a message that is rejected.
+    config = f"{event.board_type}_{event.num_players}p"
+    token = subject[len(prefix) + 1 :]
+    if token != config:
+        try:
+            subjects.config_from_subject(subject, prefix)
+        except subjects.InvalidConfigKey as exc:
+            return Reject(reason="subject_mismatch", detail=str(exc))
         return Reject(
             reason="subject_mismatch",
-            detail=f"subject says {token!r} but payload says {event.config!r}",
+            detail=f"subject says {token!r} but payload says {config!r}",
         )
-    return _counted(event)
+    return _counted(event, config)
 
 
-def _counted(event: SelfplayCompleted | DataSyncCompleted) -> Counted:
+def _counted(event: SelfplayCompleted | DataSyncCompleted, config: str) -> Counted:
     if isinstance(event, SelfplayCompleted):
         assert event.batch_id is not None  # set from event_id in __post_init__
         batches: tuple[tuple[str, int], ...] = ((event.batch_id, event.games),)
@@ -86,7 +90,7 @@ def _counted(event: SelfplayCompleted | DataSyncCompleted) -> Counted:
         batches = tuple((b.batch_id, b.games) for b in event.counted_batches())
         source = event.source_node
     return Counted(
-        config=event.config,
+        config=config,
         board_type=event.board_type,
         num_players=event.num_players,
         event_id=event.event_id,

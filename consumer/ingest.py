@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 
+import msgspec
 import nats
 import nats.errors
 from nats.aio.msg import Msg
@@ -58,6 +59,17 @@ def _describe(exc: Exception) -> str:
     return repr(exc)
 
 
+class Batch(msgspec.Struct):
+    """One fetched batch: its messages and what each one means."""
+
+    msgs: list[Msg]
+    now: float
+    counted: list[Counted] = msgspec.field(default_factory=list)
+    rejected: list[RejectedMessage] = msgspec.field(default_factory=list)
+    dead: list[Outgoing] = msgspec.field(default_factory=list)
+    verdicts: list[bool] = msgspec.field(default_factory=list)  # counted (ack) or not (term)
+
+
 def consumer_config(settings: Settings) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=settings.durable_name,
@@ -94,7 +106,17 @@ class Ingest:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Fetch, classify, and commit; batch N commits (on aiosqlite's thread) while batch
+        N+1 is fetched and classified. At most two batches are in hand at any time."""
         retry = Retry()
+        committing: asyncio.Task[None] | None = None
+
+        async def committed() -> None:
+            nonlocal committing
+            if committing is not None:
+                task, committing = committing, None
+                await task
+
         while not stop.is_set():
             try:
                 if self._sub is None:
@@ -112,6 +134,7 @@ class Ingest:
                     self._settings.fetch_batch_size, timeout=FETCH_TIMEOUT_S
                 )
             except TimeoutError:  # nats.errors.TimeoutError and asyncio's: nothing to fetch
+                await committed()
                 self.caught_up.set()
                 continue
             except (
@@ -132,12 +155,16 @@ class Ingest:
                     _describe(exc),
                     retry.next_s,
                 )
+                await committed()
                 await self._drop_subscription()
                 await retry.pause(stop)
                 continue
             retry.reset()
             self.caught_up.clear()
-            await self.process(msgs)
+            batch = self.prepare(msgs)
+            await committed()  # in order, and never more than one commit in flight
+            committing = asyncio.create_task(self.commit(batch))
+        await committed()
         await self._drop_subscription()
 
     async def drained(self) -> bool:
@@ -154,12 +181,10 @@ class Ingest:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    async def process(self, msgs: list[Msg]) -> None:
-        counted: list[Counted] = []
-        rejected: list[RejectedMessage] = []
-        dead: list[Outgoing] = []
-        verdicts: list[bool] = []
-        now = time.time()
+    def prepare(self, msgs: list[Msg]) -> Batch:
+        """Decide what each message means (pure work on the loop, no I/O)."""
+        batch = Batch(msgs=msgs, now=time.time())
+        counted, rejected, dead, now = batch.counted, batch.rejected, batch.dead, batch.now
         # Without a tracer provider a span per message only costs time; the message's own
         # traceparent is then what the export continues.
         tracing = telemetry.tracing_enabled()
@@ -186,17 +211,22 @@ class Ingest:
                     tp = traceparent_of() if tracing else header_traceparent(msg.headers)
                     if tp is not None:
                         self._scheduler.note_trigger(verdict.config, tp)
-                verdicts.append(isinstance(verdict, Counted))
-        added = await self._store.record_messages(counted, rejected, dead, now)
+                batch.verdicts.append(isinstance(verdict, Counted))
+        return batch
+
+    async def commit(self, batch: Batch) -> None:
+        """One transaction for the whole batch, then the acks."""
+        rejected = batch.rejected
+        added = await self._store.record_messages(batch.counted, rejected, batch.dead, batch.now)
         # Acknowledge only now that the transaction has committed.
-        for msg, ok in zip(msgs, verdicts, strict=True):
+        for msg, ok in zip(batch.msgs, batch.verdicts, strict=True):
             await (msg.ack() if ok else msg.term())
-        telemetry.events_consumed.add(len(msgs))
+        telemetry.events_consumed.add(len(batch.msgs))
         for item in rejected:
             telemetry.events_rejected.add(1, {"reason": item.reject.reason})
         if added:
             log.info("counted %s", _summarize(added))
-        if dead:
+        if batch.dead:
             self._outbox.notify()
         if added:
             self._scheduler.kick()

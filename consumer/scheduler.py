@@ -16,6 +16,7 @@ from opentelemetry.trace import Link, SpanKind, StatusCode
 
 from consumer import telemetry
 from consumer.decide import (
+    ConfigState,
     GatePolicy,
     Hold,
     StartExport,
@@ -51,6 +52,7 @@ from schemas.settings import Settings, SettingsError
 log = logging.getLogger("autoexport")
 
 MAX_LINKED_EVENTS = 32
+GAUGE_REFRESH_S = 5.0
 
 
 class Scheduler:
@@ -62,6 +64,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self.holds: dict[str, Hold] = {}
+        self._gauge_due = 0.0
         # Trace contexts of the events whose games the next export of a config includes.
         self.triggers: dict[str, list[str]] = {}
 
@@ -90,8 +93,14 @@ class Scheduler:
         while not stop.is_set():
             self._wake.clear()
             now = time.time()
-            states = await self._store.config_states()
-            telemetry.set_games_pending({s.config: s.games_pending for s in states})
+            # The pending gauge covers every config: refreshed at most every few seconds,
+            # and once more after the last change, so it never stays stale.
+            gauge_stale = True
+            if now >= self._gauge_due:
+                every = await self._store.config_states()
+                telemetry.set_games_pending({s.config: s.games_pending for s in every})
+                self._gauge_due, gauge_stale = now + GAUGE_REFRESH_S, False
+            states = await self._store.config_states(min_pending=self._policy.threshold)
             plan = plan_exports(
                 states,
                 live=frozenset(self._jobs),
@@ -101,10 +110,19 @@ class Scheduler:
             for start in plan.starts:
                 self._jobs[start.config] = asyncio.create_task(self._export(start))
             self._note_holds(plan.holds)
-            timeout = None if plan.wake_at is None else max(0.0, plan.wake_at - time.time())
+            wake_at = plan.wake_at
+            if gauge_stale:
+                wake_at = min(wake_at or self._gauge_due, self._gauge_due)
+            timeout = None if wake_at is None else max(0.0, wake_at - time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
         await self.shutdown()
+
+    def explain(self, states: list[ConfigState]) -> dict[str, Hold]:
+        """Why each of ``states`` is not exporting now (for status: the same gate)."""
+        live = frozenset(self._jobs)
+        plan = plan_exports(states, live=live, policy=self._policy, now=time.time())
+        return {hold.config: hold for hold in plan.holds}
 
     def _note_holds(self, holds: tuple[Hold, ...]) -> None:
         """Log a hold when its kind changes. Waiting for games is the normal state of every

@@ -285,11 +285,16 @@ class Store:
 
     # ---- the gate's inputs ------------------------------------------------------------
 
-    async def config_states(self) -> list[ConfigState]:
+    async def config_states(self, min_pending: int = 0) -> list[ConfigState]:
+        """Every config's gate inputs; with ``min_pending``, only configs the gate could start
+        or time (enough games, forced, or an export persisted): the others can only be
+        waiting for games, so a planning pass over thousands of configs skips them."""
         rows = await self._fetchall(
             "SELECT config_key, games_since_last_export, last_export_time,"
             " consecutive_failures, backoff_until, paused, force_requested,"
-            " running_export_id FROM export_state"
+            " running_export_id FROM export_state WHERE games_since_last_export >= ?"
+            " OR force_requested = 1 OR running_export_id IS NOT NULL",
+            (min_pending,),
         )
         return [
             ConfigState(
