@@ -38,12 +38,14 @@ async def connect(url: str, stop: asyncio.Event) -> Client | None:
         log.info("reconnected to NATS")
 
     async def error(exc: Exception) -> None:
-        log.warning("NATS client error: %r", exc)
+        log.warning("NATS at %s: %r (the client keeps retrying)", url, exc)
 
     retry = Retry(first_s=1.0)
     while not stop.is_set():
-        try:
-            return await nats.connect(
+        # Raced against stop: the client may retry inside connect() for a long time, and a
+        # SIGTERM must still end the daemon.
+        attempt = asyncio.ensure_future(
+            nats.connect(
                 url,
                 name="autoexport",
                 max_reconnect_attempts=-1,
@@ -54,6 +56,17 @@ async def connect(url: str, stop: asyncio.Event) -> Client | None:
                 reconnected_cb=reconnected,
                 error_cb=error,
             )
+        )
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([attempt, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError, nats.errors.Error):
+                await attempt
+            return None
+        try:
+            return attempt.result()
         except (OSError, nats.errors.Error) as exc:
             log.error(
                 "cannot connect to NATS at %s (%r); retrying in %.0fs", url, exc, retry.next_s
@@ -147,7 +160,7 @@ async def _stop_when_idle(
 
 def serve(settings: Settings, *, exit_when_idle: bool = False) -> int:
     """``autoexport run``: start an embedded server if no URL is set, run until a signal."""
-    from consumer.embedded import EmbeddedServer
+    from consumer.embedded import EmbeddedServer, EmbeddedServerError
 
     try:
         stop_telemetry = telemetry.setup_telemetry("autoexport")
@@ -159,8 +172,12 @@ def serve(settings: Settings, *, exit_when_idle: bool = False) -> int:
         server = EmbeddedServer(
             os.path.join(settings.data_dir, "nats"), port=settings.embedded_nats_port
         )
-        url = server.start()
-        print(f"embedded nats-server with JetStream at {url}", flush=True)
+        try:
+            url = server.start()
+        except EmbeddedServerError as exc:
+            log.error("%s", exc)
+            stop_telemetry()
+            return 1
         settings = msgspec.structs.replace(settings, nats_url=url)
 
     async def main() -> int:

@@ -49,7 +49,8 @@ async def run_demo(options: DemoOptions) -> int:
     data_dir = Path(options.data_dir or tempfile.mkdtemp(prefix="autoexport-demo-")).absolute()
     config = config_key(options.board_type, options.num_players)
     server = EmbeddedServer(data_dir / "nats")
-    url = await asyncio.to_thread(server.start)
+    # In this thread, which lives as long as the demo: the server dies with its starter.
+    url = server.start()
     say(f"data directory {data_dir}")
     say(f"embedded nats-server at {url}  (try: nats --server {url} stream ls)")
     settings = load_settings(
@@ -86,7 +87,7 @@ async def run_demo(options: DemoOptions) -> int:
             await node.wait()
         stop.set()
         await daemon
-        await asyncio.to_thread(server.stop)
+        server.stop()
 
 
 async def _start_node(

@@ -5,6 +5,8 @@ Used by ``autoexport run`` when no NATS URL is configured, by the demo, and by t
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import logging
 import shutil
@@ -13,12 +15,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
 
 class EmbeddedServerError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the daemon dies, even by SIGKILL, so no
+    orphaned server keeps the port and the store from the daemon's next start."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def nats_server_binary() -> str:
@@ -45,6 +58,7 @@ class EmbeddedServer:
         self.port = port
         self.host = host
         self._proc: subprocess.Popen[bytes] | None = None
+        self._store_lock: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -56,6 +70,7 @@ class EmbeddedServer:
 
     def start(self, timeout_s: float = 15.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_store()
         ports_dir = self.store_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
         for stale in ports_dir.glob("*.ports"):
@@ -69,12 +84,24 @@ class EmbeddedServer:
             "--ports_file_dir", str(ports_dir),
         ]  # fmt: skip
         log_path = self.store_dir / "nats-server.log"
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log_file:
-            self._proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                argv, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
         deadline = time.monotonic() + timeout_s
         # nats-server writes <binary>_<pid>.ports once it listens.
         while not (found := list(ports_dir.glob(f"*_{self._proc.pid}.ports"))):
             if self._proc.poll() is not None:
+                self._release_store()
+                with log_path.open("rb") as fh:
+                    fh.seek(log_start)
+                    output = fh.read().decode(errors="replace")
+                if "address already in use" in output:
+                    raise EmbeddedServerError(
+                        f"port {self.port} is in use (another nats-server?): set "
+                        "embedded_nats_port (0 picks a free port) or pass --nats-url"
+                    )
                 raise EmbeddedServerError(
                     f"nats-server exited with {self._proc.returncode}; see {log_path}"
                 )
@@ -88,16 +115,37 @@ class EmbeddedServer:
         log.info("embedded nats-server listening on %s (store %s)", self.url, self.store_dir)
         return self.url
 
+    def _lock_store(self) -> None:
+        """One server per store directory: two servers on one JetStream store corrupt it."""
+        lock = (self.store_dir / "server.lock").open("ab")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise EmbeddedServerError(
+                f"another autoexport daemon runs an embedded nats-server on {self.store_dir}; "
+                "give each daemon its own --data-dir"
+            ) from None
+        self._store_lock = lock
+
+    def _release_store(self) -> None:
+        lock, self._store_lock = self._store_lock, None
+        if lock is not None:
+            lock.close()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if proc is None or proc.poll() is not None:
+                return
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            self._release_store()
 
     def __enter__(self) -> EmbeddedServer:
         self.start()

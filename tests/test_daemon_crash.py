@@ -275,3 +275,57 @@ async def test_a_second_daemon_on_the_same_state_database_is_refused(
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(20) == 0
+
+
+def start_embedded_daemon(tmp_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "AUTOEXPORT_EMBEDDED_NATS_PORT": "0"}
+    argv = [sys.executable, "-m", "consumer.cli", "run", "--data-dir", str(tmp_path / "data")]
+    with (tmp_path / "daemon.log").open("ab") as log:
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def test_a_sigkilled_daemon_takes_its_embedded_server_along_and_restarts(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "daemon.log"
+    ports = tmp_path / "data" / "nats" / "ports"
+    daemon = start_embedded_daemon(tmp_path)
+    try:
+        await wait_until(lambda: log.exists() and "consuming SELFPLAY_EVENTS" in log.read_text())
+        (ports_file,) = ports.glob("*.ports")
+        server_pid = int(ports_file.stem.rsplit("_", 1)[1])
+        assert alive(server_pid)
+
+        # A second daemon on the same data directory is refused before it starts a server.
+        second = subprocess.run(
+            [sys.executable, "-m", "consumer.cli", "run", "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "AUTOEXPORT_EMBEDDED_NATS_PORT": "0"},
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert "another autoexport daemon" in second.stderr
+        assert len(list(ports.glob("*.ports"))) == 1
+
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+        await wait_until(lambda: not alive(server_pid))
+    finally:
+        stop(daemon)
+
+    restarted = start_embedded_daemon(tmp_path)
+    try:
+        await wait_until(lambda: log.read_text().count("consuming SELFPLAY_EVENTS") == 2)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(20) == 0
+
+
+async def test_sigterm_ends_a_daemon_that_cannot_reach_nats(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, "nats://127.0.0.1:1")
+    try:
+        log = tmp_path / "daemon.log"
+        await wait_until(lambda: log.exists() and "ConnectionRefusedError" in log.read_text(), 20)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
+    finally:
+        stop(daemon)
