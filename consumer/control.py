@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -46,7 +48,34 @@ def _parse_config(data: bytes) -> str:
     return config
 
 
-async def start(nc: Client, store: Store, scheduler: Scheduler) -> Service:
+PEER_WAIT_S = 0.5
+
+
+async def daemons_consuming(nc: Client, durable: str) -> list[dict[str, str]]:
+    """The metadata of running autoexport daemons that consume ``durable`` on this server:
+    two of them would split the events between them, each counting half."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(f"$SRV.INFO.{subjects.SERVICE_NAME}", b"", reply=inbox)
+        peers = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PEER_WAIT_S):
+                async for msg in sub.messages:
+                    if not msg.data:  # the server's "no responders": nobody else runs
+                        break
+                    with contextlib.suppress(msgspec.DecodeError, AttributeError):
+                        metadata = msgspec.json.decode(msg.data).get("metadata") or {}
+                        if metadata.get("durable") == durable:
+                            peers.append(metadata)
+        return peers
+    finally:
+        await sub.unsubscribe()
+
+
+async def start(
+    nc: Client, store: Store, scheduler: Scheduler, metadata: dict[str, str]
+) -> Service:
     async def status(req: Request) -> None:
         body: dict[str, Any] = await store.status()
         body["running_exports"] = scheduler.running
@@ -80,6 +109,7 @@ async def start(nc: Client, store: Store, scheduler: Scheduler) -> Service:
             name=subjects.SERVICE_NAME,
             version=VERSION,
             description="autoexport: selfplay events to NPZ datasets",
+            metadata=metadata,
         ),
     )
     for name, subject, handler in (

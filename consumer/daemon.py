@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 
 import msgspec
@@ -97,7 +98,22 @@ async def run_daemon(
         outbox = Outbox(store, js)
         scheduler = Scheduler(settings, store, outbox)
         ingest = Ingest(settings, js, store, outbox, scheduler)
-        service = await control.start(nc, store, scheduler)
+        metadata = {
+            "durable": settings.durable_name,
+            "data_dir": settings.data_dir,
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+        }
+        if peers := await control.daemons_consuming(nc, settings.durable_name):
+            peer = peers[0]
+            log.error(
+                "another autoexport daemon (host %s, pid %s, data dir %s) already consumes"
+                " durable %r on this server: the two would split the events. Give each"
+                " daemon its own durable_name, or stop the other one.",
+                peer.get("host"), peer.get("pid"), peer.get("data_dir"), settings.durable_name,
+            )  # fmt: skip
+            return 1
+        service = await control.start(nc, store, scheduler, metadata)
         tasks = [
             asyncio.create_task(ingest.run(stop), name="ingest"),
             asyncio.create_task(scheduler.run(stop), name="scheduler"),

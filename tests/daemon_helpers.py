@@ -117,6 +117,7 @@ async def wait_for_status(
 ) -> dict[str, Any]:
     """Ask the daemon until its status satisfies ``predicate`` (bounded)."""
     deadline = asyncio.get_running_loop().time() + timeout
+    current: dict[str, Any] | None = None
     while True:
         with contextlib.suppress(Exception):
             current = await status(url)

@@ -329,3 +329,29 @@ async def test_sigterm_ends_a_daemon_that_cannot_reach_nats(tmp_path: Path) -> N
         assert daemon.wait(10) == 0
     finally:
         stop(daemon)
+
+
+async def test_a_second_daemon_on_the_same_durable_is_refused_not_splitting_events(
+    tmp_path: Path, nats_server: EmbeddedServer
+) -> None:
+    (tmp_path / "a").mkdir()
+    first = start_daemon(tmp_path / "a", nats_server.url)
+    try:
+        await wait_for_status(nats_server.url, lambda s: True)
+        same_durable = subprocess.run(
+            [sys.executable, "-m", "consumer.cli", "run", "--nats-url", nats_server.url,
+             "--data-dir", str(tmp_path / "b")],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert same_durable.returncode == 1
+        assert "already consumes durable 'autoexport'" in same_durable.stderr
+        # Its own durable makes it an independent deployment: it may run.
+        other = subprocess.Popen(
+            [sys.executable, "-m", "consumer.cli", "run", "--nats-url", nats_server.url,
+             "--data-dir", str(tmp_path / "c"), "--exit-when-idle"],
+            env={**os.environ, "AUTOEXPORT_DURABLE_NAME": "staging"},
+        )  # fmt: skip
+        assert other.wait(30) == 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(20) == 0
