@@ -47,7 +47,7 @@ async def connect(url: str, stop: asyncio.Event) -> Client | None:
         # SIGTERM must still end the daemon.
         attempt = asyncio.ensure_future(
             nats.connect(
-                url,
+                [server.strip() for server in url.split(",")],  # a cluster: several URLs
                 name="autoexport",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1.0,

@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta, Struct
@@ -57,10 +58,26 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def __post_init__(self) -> None:
+        if self.nats_url is not None:
+            _check_nats_url(self.nats_url)
         if self.backoff_max_seconds < self.backoff_base_seconds:
             raise ValueError("backoff_max_seconds must be >= backoff_base_seconds")
         if self.max_ack_pending < self.fetch_batch_size:
             raise ValueError("max_ack_pending must be >= fetch_batch_size")
+
+
+def _check_nats_url(value: str) -> None:
+    """nats://host:port (or tls/ws/wss), several separated by commas for a cluster."""
+    for url in value.split(","):
+        try:
+            parts = urlsplit(url.strip())
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"nats_url {url!r} is not a URL: {exc}") from None
+        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+            raise ValueError(
+                f"nats_url {url!r} must look like nats://host:4222 (or tls://, ws://, wss://)"
+            )
 
 
 class SettingsError(ValueError):
@@ -73,8 +90,8 @@ FIELDS = frozenset(Settings.__struct_fields__)
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
+        if not name.startswith(ENV_PREFIX) or raw == "":
+            continue  # an empty variable (common in compose files) means "not set"
         key = name[len(ENV_PREFIX) :].lower()
         if key not in FIELDS:
             raise SettingsError(f"unknown setting {name} (known: {_known('AUTOEXPORT_')})")

@@ -283,7 +283,7 @@ def test_missing_settings_file_stops_the_start(tmp_path: Path) -> None:
                      id="concurrency-not-a-number"),
         pytest.param({"AUTOEXPORT_LOG_FORMAT": "xml"}, "log_format", id="unknown-log-format"),
         pytest.param({"AUTOEXPORT_MIN_MOVES": "-1"}, "min_moves", id="negative-min-moves"),
-        pytest.param({"AUTOEXPORT_EXPORT_COMMAND": ""}, "export_command", id="empty-command"),
+        pytest.param({"AUTOEXPORT_EXPORT_COMMAND": "  "}, "export_command", id="blank-command"),
     ],
 )  # fmt: skip
 def test_other_nonsense_values_name_the_field(
@@ -292,3 +292,22 @@ def test_other_nonsense_values_name_the_field(
     message = load_error(tmp_path, environ=env)
     assert field in message
     assert "environment" in message
+
+
+@pytest.mark.parametrize(
+    "url", ["notaurl", "nats://127.0.0.1:notaport", "http://127.0.0.1:4222", "nats://:4222"]
+)
+def test_a_nats_url_that_is_not_one_stops_the_start(url: str) -> None:
+    with pytest.raises(SettingsError, match="nats_url"):
+        load_settings({"AUTOEXPORT_NATS_URL": url})
+
+
+def test_an_empty_variable_means_not_set() -> None:
+    settings = load_settings({"AUTOEXPORT_NATS_URL": "", "AUTOEXPORT_MIN_MOVES": ""})
+    assert settings.nats_url is None  # the embedded server, not a URL ""
+    assert settings.min_moves == 10
+
+
+def test_a_cluster_is_several_urls() -> None:
+    url = "nats://a:4222,nats://b:4222"
+    assert load_settings({"AUTOEXPORT_NATS_URL": url}).nats_url == url
