@@ -151,7 +151,7 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 def _cmd_publish(args: argparse.Namespace) -> int:
     import msgspec
 
-    from consumer.operator import build_event, publish_event
+    from consumer.operator import DaemonUnreachable, build_event, publish_event
 
     try:
         event = build_event(vars(args))
@@ -160,7 +160,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         return 2
 
     def publish() -> int:
-        ack = asyncio.run(publish_event(_nats_url(args), event))
+        try:
+            ack = asyncio.run(publish_event(_nats_url(args), event))
+        except DaemonUnreachable as exc:
+            print(f"autoexport: {exc}", file=sys.stderr)
+            return 1
         print(json.dumps({"event_id": event.event_id, **ack}))
         return 0
 

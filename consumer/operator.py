@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -11,7 +12,7 @@ import nats
 import nats.errors
 
 from consumer.publish import publish_selfplay, publish_sync
-from consumer.store import Store
+from consumer.store import Store, StoreError
 from consumer.streams import ensure_streams
 from schemas.events import DataSyncCompleted, SelfplayCompleted
 
@@ -65,12 +66,21 @@ async def request(url: str, subject: str, body: dict[str, Any] | None = None) ->
 
 
 async def status_from_file(state_db: str) -> dict[str, Any]:
-    async with await Store.open(state_db) as store:
-        return await store.status()
+    """A stopped daemon's state; never creates a file where there was none."""
+    if not Path(state_db).is_file():
+        raise DaemonUnreachable(f"no state database at {state_db}")
+    try:
+        async with await Store.open(state_db) as store:
+            return await store.status()
+    except StoreError as exc:
+        raise DaemonUnreachable(str(exc)) from None
 
 
 async def publish_event(url: str, event: SelfplayCompleted | DataSyncCompleted) -> dict[str, Any]:
-    nc = await _connect(url, timeout_s=5)
+    try:
+        nc = await _connect(url, timeout_s=5)
+    except (OSError, nats.errors.Error) as exc:
+        raise DaemonUnreachable(f"cannot connect to NATS at {url}: {exc!r}") from None
     try:
         js = nc.jetstream()
         await ensure_streams(js)

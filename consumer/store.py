@@ -21,6 +21,7 @@ import aiosqlite
 from msgspec import Struct
 
 from consumer.decide import ConfigState, Counted, Reject
+from schemas.events import utc_from_unix
 
 SCHEMA_VERSION = 1
 
@@ -497,7 +498,7 @@ class Store:
                 "in_progress": r[4] is not None,
                 "failures": r[5],
                 "paused": bool(r[6]),
-                "backoff_until": r[7] or None,
+                "backoff_until": utc_from_unix(r[7]).isoformat() if r[7] else None,
                 "last_error": r[8],
                 "last_output_path": r[9],
                 "total_games": r[10],

@@ -405,7 +405,7 @@ async def test_failure_keeps_pending_and_backs_off(store: Store) -> None:
     assert await store.consecutive_failures("hex8_2p") == 2
     status = (await store.status(now=T0 + 31))["states"]["hex8_2p"]
     assert status["failures"] == 2
-    assert status["backoff_until"] == T0 + 90
+    assert status["backoff_until"] == "2023-11-14T22:14:50+00:00"  # T0 + 90, as ISO-8601
     assert status["last_error"] == "timed out"
     assert status["games_pending"] == 120
     assert status["in_progress"] is False
