@@ -281,6 +281,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--simulations", type=int, default=20)
     p.add_argument("--min-games", type=int, default=40, help="export threshold")
+    p.add_argument(
+        "--min-moves",
+        type=int,
+        default=10,
+        help="skip shorter games (tic_tac_toe: at most 9 moves, so use 3)",
+    )
     p.add_argument("--exports", type=int, default=1, help="stop after this many datasets")
     p.set_defaults(command=_cmd_demo)
 

@@ -37,6 +37,7 @@ class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int = 10
     simulations: int = 20
     min_games: int = 40
+    min_moves: int = 10  # tic_tac_toe games are at most 9 moves: lower it for them
     exports: int = 1  # stop after this many completed exports
     timeout_s: float = 600.0
 
@@ -59,6 +60,7 @@ async def run_demo(options: DemoOptions) -> int:
             "nats_url": url,
             "data_dir": str(data_dir),
             "min_games_threshold": options.min_games,
+            "min_moves": options.min_moves,
             "export_cooldown_seconds": 5.0,
         },
     )
@@ -117,6 +119,7 @@ async def _trainer(js: nats.js.JetStreamContext, config: str, wanted: int) -> bo
                 say(f"{elapsed:6.1f}s  npz.export.started   {event.games_pending} games pending")
             case ExportFailed():
                 say(f"{elapsed:6.1f}s  npz.export.failed    {event.error}")
+                return False  # the demo stops here rather than wait through the backoff
             case ExportCompleted():
                 say(
                     f"{elapsed:6.1f}s  npz.export.complete  {event.samples} samples from "
