@@ -1,0 +1,40 @@
+"""The README's demo, end to end: real nodes, the daemon, the built-in exporter, a trainer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def run_demo(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    argv = [
+        sys.executable, "-m", "consumer.cli", "demo", "--data-dir", str(tmp_path),
+        "--games-per-node", "8", "--batch-size", "4", "--simulations", "8",
+        "--min-games", "12", *flags,
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=180)
+
+
+def test_the_demo_ends_with_a_trainer_loading_a_verified_dataset(tmp_path: Path) -> None:
+    out = run_demo(tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "npz.export.complete" in out.stdout
+    assert "(sha256 verified)" in out.stdout
+    dataset = tmp_path / "training" / "connectfour_2p.npz"
+    with np.load(dataset, allow_pickle=False) as data:
+        samples = data["values"].shape[0]
+        assert samples > 0
+        assert data["states"].shape == (samples, 3, 6, 7)
+        indptr = data["policy_indptr"]
+        sums = np.add.reduceat(data["policy_probs"], indptr[:-1])
+        assert np.allclose(sums, 1.0, atol=1e-3)
+    assert f'"samples": {samples}' in out.stdout
+
+
+def test_the_demo_stops_with_the_reason_when_every_game_is_too_short(tmp_path: Path) -> None:
+    out = run_demo(tmp_path, "--game", "tic_tac_toe", "--board-type", "tictactoe")
+    assert out.returncode == 1
+    assert "npz.export.failed" in out.stdout and "too_short" in out.stdout
