@@ -271,6 +271,10 @@ class Scheduler:
         duration_s: float,
     ) -> None:
         now = time.time()
+        # Games counted during an export stay pending, though the export may have included
+        # them: the next export can then find nothing new. Say so, rather than make every
+        # trainer retrain on the same file.
+        unchanged = valid.sha256 == await self._store.last_sha256(config)
         complete = ExportCompleted(
             export_id=export_id,
             config=config,
@@ -282,6 +286,7 @@ class Scheduler:
             duration_seconds=round(duration_s, 3),
             size_bytes=valid.size_bytes,
             sha256=valid.sha256,
+            unchanged=unchanged,
             timestamp=utc(now),
         )
         await self._store.finish_export_success(
@@ -289,6 +294,7 @@ class Scheduler:
             output_path=valid.output_path,
             samples=valid.samples,
             games_exported=valid.games,
+            sha256=valid.sha256,
             announce=outgoing(
                 subjects.subject_for(subjects.EXPORT_COMPLETE, config),
                 complete,

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS export_state (
     force_requested INTEGER NOT NULL DEFAULT 0,
     running_export_id TEXT,
     last_error TEXT,
-    last_output_path TEXT
+    last_output_path TEXT,
+    last_sha256 TEXT
 );
 CREATE TABLE IF NOT EXISTS batches (
     config_key TEXT NOT NULL,
@@ -404,6 +405,7 @@ class Store:
         output_path: str,
         samples: int,
         games_exported: int,
+        sha256: str,
         announce: Outgoing,
         now: float,
     ) -> None:
@@ -422,9 +424,9 @@ class Store:
                 " last_export_time = ?, last_export_games = ?,"
                 " total_exported_samples = total_exported_samples + ?,"
                 " consecutive_failures = 0, backoff_until = 0, running_export_id = NULL,"
-                " last_error = NULL, last_output_path = ?, updated_at = ?"
+                " last_error = NULL, last_output_path = ?, last_sha256 = ?, updated_at = ?"
                 " WHERE config_key = ?",
-                (taken, now, games_exported, samples, output_path, now, config),
+                (taken, now, games_exported, samples, output_path, sha256, now, config),
             )
             await self._enqueue([announce])
 
@@ -454,6 +456,13 @@ class Store:
                 (backoff_until, error, now, config),
             )
             await self._enqueue([announce])
+
+    async def last_sha256(self, config: str) -> str | None:
+        """The checksum of the config's last exported dataset."""
+        rows = await self._fetchall(
+            "SELECT last_sha256 FROM export_state WHERE config_key = ?", (config,)
+        )
+        return rows[0][0] if rows else None
 
     async def consecutive_failures(self, config: str) -> int:
         rows = await self._fetchall(

@@ -150,6 +150,7 @@ def describe_event(event: ExportEvent) -> str:
                 f"complete  {event.games_exported} games, {event.samples} samples,"
                 f" {event.size_bytes / 2**20:.1f} MiB in {event.duration_seconds:.1f}s"
                 f" -> {event.output_path} (sha256 {event.sha256[:12]})"
+                + (", unchanged" if event.unchanged else "")
             )
         case ExportFailed():
             how = "timed out" if event.exit_code is None else f"exit {event.exit_code}"

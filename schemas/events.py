@@ -117,6 +117,9 @@ class ExportCompleted(Struct, kw_only=True, tag_field="event", tag="npz_export_c
     size_bytes: int
     sha256: str
     timestamp: datetime
+    # True when the dataset is byte-identical to the config's previous one: nothing new to
+    # train on (games counted during the last export were already in it).
+    unchanged: bool = False
 
 
 class ExportFailed(Struct, kw_only=True, tag_field="event", tag="npz_export_failed"):

@@ -214,3 +214,21 @@ async def test_export_now_bypasses_threshold_and_pause_holds(
             assert "hex*_2p" in str(exc)
         else:
             raise AssertionError("an invalid config was accepted")
+
+
+async def test_an_export_identical_to_the_last_one_says_so(
+    tmp_path: Path, nats_server: EmbeddedServer, nc: Client
+) -> None:
+    settings = daemon_settings(tmp_path, nats_server.url, min_games_threshold=5)
+    exports = await collect_exports(nc)
+    async with running_daemon(settings):
+        completes: list[ExportCompleted] = []
+        for _ in range(2):
+            await publish_selfplay(nc, 5)
+            while not isinstance(event := await exports.next(), ExportCompleted):
+                pass
+            completes.append(event)
+    first, second = completes
+    # The fake job writes the same bytes each time: the second dataset brings nothing new.
+    assert first.sha256 == second.sha256
+    assert (first.unchanged, second.unchanged) == (False, True)

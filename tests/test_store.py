@@ -308,6 +308,7 @@ async def test_success_subtracts_what_the_export_took_not_everything(store: Stor
         output_path="/data/training/hex8_2p.npz",
         samples=5000,
         games_exported=120,
+        sha256="ab12",
         announce=outgoing("npz.export.complete.hex8_2p"),
         now=T0 + 10,
     )
@@ -348,6 +349,7 @@ async def test_success_resets_failures_and_backoff(store: Store) -> None:
         output_path="/out.npz",
         samples=1,
         games_exported=120,
+        sha256="ab12",
         announce=outgoing("npz.export.complete.hex8_2p"),
         now=T0 + 2000,
     )
@@ -369,6 +371,7 @@ async def test_total_samples_accumulate_over_exports(store: Store) -> None:
             output_path="/out.npz",
             samples=samples,
             games_exported=100,
+            sha256="ab12",
             announce=outgoing("c"),
             now=T0 + n,
         )
@@ -416,12 +419,12 @@ async def test_an_export_finishes_only_once(store: Store) -> None:
     await store.record_messages([counted([("b1", 120)])], [], [], now=T0)
     await start_export(store)
     await store.finish_export_success(
-        "exp-1", output_path="/o.npz", samples=1, games_exported=120, announce=outgoing("c"),
-        now=T0,
+        "exp-1", output_path="/o.npz", samples=1, games_exported=120, sha256="ab12",
+        announce=outgoing("c"), now=T0,
     )  # fmt: skip
     with pytest.raises(StoreError):
         await store.finish_export_success(
-            "exp-1", output_path="/o.npz", samples=1, games_exported=120,
+            "exp-1", output_path="/o.npz", samples=1, games_exported=120, sha256="ab12",
             announce=outgoing("c"), now=T0,
         )  # fmt: skip
     with pytest.raises(StoreError):
@@ -491,6 +494,7 @@ async def test_an_interrupted_export_is_found_after_a_restart(db_path: Path) -> 
             output_path="/o.npz",
             samples=10,
             games_exported=150,
+            sha256="ab12",
             announce=outgoing("c"),
             now=T0 + 4,
         )
