@@ -11,7 +11,7 @@ import msgspec
 import numpy as np
 import pytest
 from test_export_run import export, load
-from test_gamestore import SPEC, make_games, write_games
+from test_gamestore import SPEC, make_games, sql, write_games
 
 from consumer.cli import main
 
@@ -163,3 +163,99 @@ def test_an_earlier_store_with_a_cached_game_keeps_dedupe_right(tmp_path: Path) 
     assert summary.games == 4 and summary.skipped == {"duplicate": 2}
     assert_same_dataset(summary.output_path, fresh(tmp_path))
     assert load(summary.output_path)["game_sources"].tolist() == [0, 0, 1, 1]
+
+
+def test_a_game_in_progress_at_one_export_is_taken_by_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "games" / "a.db"
+    write_games(path, make_games(1, 6, "a"))
+    sql(path, "UPDATE games SET status = 'in_progress', finished_at = NULL WHERE rowid = 6")
+    first = export(tmp_path, use_cache=True)
+    assert (first.games, first.skipped) == (5, {"in_progress": 1})
+
+    sql(path, "UPDATE games SET status = 'completed', finished_at = started_at WHERE rowid = 6")
+    write_games(path, make_games(2, 2, "a-new"))
+    second = export(tmp_path, use_cache=True)
+
+    assert (second.encoded_games, second.cached_games, second.games) == (3, 5, 8)
+    assert second.skipped == {}
+    assert_same_dataset(second.output_path, fresh(tmp_path))
+
+
+def test_a_store_replaced_by_a_longer_one_is_read_again(tmp_path: Path) -> None:
+    write_games(tmp_path / "games" / "a.db", make_games(1, 5, "a"))
+    export(tmp_path, use_cache=True)
+    (tmp_path / "games" / "a.db").unlink()
+    # The same ids at the same rowids and more after them: only the store id differs.
+    write_games(tmp_path / "games" / "a.db", make_games(2, 8, "a"))
+
+    summary = export(tmp_path, use_cache=True)
+
+    assert (summary.encoded_games, summary.cached_games, summary.games) == (8, 0, 8)
+    assert_same_dataset(summary.output_path, fresh(tmp_path))
+
+
+def test_a_re_export_reads_only_the_rows_added_since(tmp_path: Path) -> None:
+    path = tmp_path / "games" / "a.db"
+    write_games(path, make_games(1, 10, "a"))
+    export(tmp_path, use_cache=True)
+    # Rows already exported can no longer be listed: a full read would fail on them.
+    sql(path, "UPDATE games SET returns = CAST(x'ff' AS TEXT)")
+    write_games(path, make_games(2, 3, "a-new"))
+
+    summary = export(tmp_path, use_cache=True)
+
+    assert summary.stores_skipped == []
+    assert (summary.encoded_games, summary.cached_games, summary.games) == (3, 10, 13)
+
+
+def test_a_duplicate_is_exported_once_the_earlier_copy_is_gone(tmp_path: Path) -> None:
+    write_games(tmp_path / "games" / "a.db", make_games(1, 2, "g"))
+    write_games(tmp_path / "games" / "b.db", make_games(2, 4, "g"))  # g-0000, g-0001 again
+    assert export(tmp_path, use_cache=True).skipped == {"duplicate": 2}
+    (tmp_path / "games" / "a.db").unlink()
+
+    summary = export(tmp_path, use_cache=True)
+
+    assert (summary.games, summary.skipped) == (4, {})
+    assert_same_dataset(summary.output_path, fresh(tmp_path))
+
+
+def test_skip_counts_of_earlier_exports_are_kept(tmp_path: Path) -> None:
+    a, b = tmp_path / "games" / "a.db", tmp_path / "games" / "b.db"
+    write_games(a, make_games(1, 6, "a"))
+    write_games(a, make_games(2, 2, "cut"), finish=False)
+    write_games(b, make_games(3, 3, "a"))  # a-0000..a-0002 again
+    sql(a, "UPDATE games SET returns = NULL WHERE game_id = 'a-0003'")
+    sql(a, "UPDATE moves SET player = 5 WHERE game_id = 'a-0004'")
+    sql(a, "UPDATE games SET status = 'in_progress' WHERE game_id = 'a-0005'")
+    expected = {
+        "bad_moves": 1,
+        "duplicate": 3,
+        "in_progress": 1,
+        "missing_result": 1,
+        "not_completed": 2,
+    }
+    assert export(tmp_path, use_cache=True).skipped == expected
+    write_games(a, make_games(4, 2, "a-new"))
+    write_games(b, make_games(5, 2, "b-new"))
+
+    summary = export(tmp_path, use_cache=True)
+
+    assert (summary.encoded_games, summary.cached_games) == (4, 3)
+    assert summary.skipped == expected
+    assert_same_dataset(summary.output_path, fresh(tmp_path))
+
+
+@pytest.mark.parametrize("deleted", ["a-0001", "a-0004"])  # a-0004's rowid is taken again
+def test_a_store_that_lost_rows_is_read_again(tmp_path: Path, deleted: str) -> None:
+    path = tmp_path / "games" / "a.db"
+    write_games(path, make_games(1, 5, "a"))
+    export(tmp_path, use_cache=True)
+    sql(path, "DELETE FROM moves WHERE game_id = ?", deleted)
+    sql(path, "DELETE FROM games WHERE game_id = ?", deleted)
+    write_games(path, make_games(2, 1, "a-new"))
+
+    summary = export(tmp_path, use_cache=True)
+
+    assert (summary.encoded_games, summary.cached_games, summary.games) == (5, 0, 5)
+    assert_same_dataset(summary.output_path, fresh(tmp_path))

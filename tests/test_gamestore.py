@@ -210,3 +210,16 @@ def test_unreadable_stores_raise_store_errors(tmp_path: Path) -> None:
         read_store_meta(future)
     with pytest.raises(UnsupportedFormat):
         GameStore.open(future, SPEC)
+
+
+def test_reader_lists_games_by_rowid(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    write_games(path, make_games(1, 5, "g"))
+
+    with StoreReader(path) as reader:
+        assert [r.rowid for r in reader.games()] == [1, 2, 3, 4, 5]
+        assert [r.game_id for r in reader.games(after=3)] == ["g-0003", "g-0004"]
+        assert [r.game_id for r in reader.games_at([4, 2, 9])] == ["g-0001", "g-0003"]
+        assert (reader.count_games(), reader.count_games(after=3)) == (5, 2)
+        assert reader.id_hex(1) == b"g-0000".hex().upper()
+        assert reader.id_hex(9) is None

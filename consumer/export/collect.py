@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import msgspec
 from msgspec import Struct
 
 from consumer.export.encode import Filters, encode_batch, triage
@@ -21,7 +22,7 @@ from consumer.export.gamestore import (
     StoreSpec,
     StoreSpecMismatch,
 )
-from consumer.export.segments import Segment, Workspace
+from consumer.export.segments import Segment, StoreMark, Workspace
 
 STORE_PATTERNS = ("*.db", "*.sqlite")
 BATCH_BYTES = 8 << 20  # raw bytes of moves encoded at once: bounds memory per batch
@@ -55,6 +56,7 @@ class StoreResult(Struct):
     skipped: Counter[str]
     encoded_games: int
     cached_games: int
+    mark: StoreMark  # how far the store was read, for the next export
 
 
 def with_lock_retry(read: Callable[[], T], attempts: int, backoff_s: float) -> T:
@@ -115,6 +117,21 @@ def _batches(games: list[GameRow], bytes_per_move: int) -> Iterator[list[GameRow
         yield batch
 
 
+def _mark_holds(
+    mark: StoreMark, reader: StoreReader, total: int, cached_ids: list[list[str]], seen: set[str]
+) -> bool:
+    """Whether the rows up to ``mark`` are those it recorded (same store, none deleted) and
+    dedupe leaves them as they were (cached games first seen here, duplicates taken earlier)."""
+    return (
+        mark.store_id == reader.meta.store_id
+        and len(cached_ids) < MAX_SEGMENTS_PER_STORE
+        and seen.issuperset(mark.duplicates)
+        and all(seen.isdisjoint(ids) for ids in cached_ids)
+        and reader.id_hex(mark.rowid) == mark.id_hex
+        and total - reader.count_games(after=mark.rowid) == mark.rows
+    )
+
+
 def collect_store(
     meta: StoreMeta,
     spec: StoreSpec,
@@ -123,41 +140,49 @@ def collect_store(
     seen: set[str],
     tick: Tick,
 ) -> StoreResult:
-    """Read one store in one snapshot. Cached segments are reused while they still
-    describe the store (same store id, their games still present and not taken from an
-    earlier store); the games not in them are encoded into one new segment.
+    """Read one store in one snapshot. While the store's mark in the cache holds (see
+    ``_mark_holds``), only the games added since it and those then in progress are read;
+    the games to export among them go into one new segment.
 
     Changes neither ``seen`` nor ``workspace``'s manifest: the caller applies the result.
     """
     with StoreReader(meta.path) as reader:
         if reader.meta.spec != spec:
             raise StoreSpecMismatch(f"{meta.path}: spec changed to {reader.meta.spec}")
-        games = reader.games()
+        total = reader.count_games()
         cached = workspace.for_store(meta.path)
         cached_ids = [workspace.game_ids(s) for s in cached]
-        exported = {game_id for ids in cached_ids for game_id in ids}
-        store_ids = {game.game_id for game in games}
-        if (
-            any(s.store_id != reader.meta.store_id for s in cached)
-            or not exported <= store_ids
-            or not exported.isdisjoint(seen)
-            or len(cached) >= MAX_SEGMENTS_PER_STORE
-        ):
-            cached, cached_ids, exported = [], [], set()
-        encode_failed = {k: v for s in cached for k, v in s.skipped.items()}
-        skipped: Counter[str] = Counter(encode_failed.values())
+        mark = workspace.marks.get(meta.path)
+        if mark is not None and _mark_holds(mark, reader, total, cached_ids, seen):
+            games = reader.games_at(mark.pending) + reader.games(after=mark.rowid)
+        else:
+            cached, cached_ids, games = [], [], reader.games()
+            mark = StoreMark(
+                store_id=reader.meta.store_id,
+                rowid=0,
+                rows=0,
+                id_hex=None,
+                pending=[],
+                duplicates=[],
+                skipped={},
+            )
+        ruled_out: Counter[str] = Counter(mark.skipped)
+        pending: list[int] = []
+        duplicates = list(mark.duplicates)
         todo = []
         for game in games:
-            if game.game_id in exported:
-                continue  # passed these filters before, and a finished game's rows are final
             reason = triage(game, spec, filters)
             if reason is None and game.game_id in seen:
                 reason = "duplicate"
-            if reason is not None:
-                skipped[reason] += 1
-            elif game.game_id not in encode_failed:
+            if reason is None:
                 todo.append(game)
-        tick(len(games) - len(todo))
+            elif reason == "in_progress":
+                pending.append(game.rowid)
+            elif reason == "duplicate":
+                duplicates.append(game.game_id)
+            else:
+                ruled_out[reason] += 1
+        tick(total - len(todo))
         segments, ids = list(cached), list(cached_ids)
         if todo:
             writer = workspace.writer(meta.path, reader.meta.store_id)
@@ -165,21 +190,32 @@ def collect_store(
                 bytes_per_move = spec.state_nbytes + 8 * spec.num_actions + 64
                 for batch in _batches(todo, bytes_per_move):
                     game_ids = [game.game_id for game in batch]
-                    encoded = encode_batch(spec, batch, reader.moves(game_ids))
-                    writer.append(encoded)
-                    skipped.update(encoded.skipped.values())
+                    writer.append(encode_batch(spec, batch, reader.moves(game_ids)))
                     tick(len(batch))
             except BaseException:
                 writer.discard()
                 raise
-            segment = writer.finish()
-            segments.append(segment)
+            segments.append(writer.finish())
             ids.append(writer.game_ids)
+        last = max([mark.rowid, *(g.rowid for g in games)])
+        new_mark = msgspec.structs.replace(
+            mark,
+            rowid=last,
+            rows=total,
+            id_hex=reader.id_hex(last),
+            pending=pending,
+            duplicates=duplicates,
+            skipped=dict(ruled_out),
+        )
+    encode_failed = Counter(reason for s in segments for reason in s.skipped.values())
+    skipped = ruled_out + encode_failed
+    skipped.update(in_progress=len(pending), duplicate=len(duplicates))
     return StoreResult(
         meta=reader.meta,
         segments=segments,
         game_ids=ids,
-        skipped=skipped,
+        skipped=+skipped,
         encoded_games=len(todo),
-        cached_games=len(exported),
+        cached_games=sum(len(i) for i in cached_ids),
+        mark=new_mark,
     )

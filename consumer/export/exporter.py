@@ -222,7 +222,7 @@ def _workspace(
         directory = work_dir(output)
         directory.mkdir()
         try:
-            yield Workspace(directory, key, [], persistent=False)
+            yield Workspace(directory, key, [], {}, persistent=False)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         return
@@ -267,11 +267,13 @@ def _collect_all(
             continue
         results.append(result)
         seen.update(game_id for ids in result.game_ids for game_id in ids)
-    # The cache keeps the segments of stores skipped this time (they may be readable next
-    # time) and forgets stores that are gone.
+    # The cache keeps the segments and marks of stores skipped this time (they may be
+    # readable next time) and forgets stores that are gone.
     unread = {s.path for s in skipped}
     workspace.segments = [s for s in workspace.segments if s.store_path in unread]
     workspace.segments += [s for r in results for s in r.segments]
+    workspace.marks = {p: m for p, m in workspace.marks.items() if p in unread}
+    workspace.marks |= {r.meta.path: r.mark for r in results}
     return results, skipped
 
 

@@ -404,6 +404,7 @@ class GameRow(Struct, frozen=True):
     returns: str | None
     board_type: str
     num_players: int
+    rowid: int
 
 
 def _classify(exc: sqlite3.Error, path: Path) -> StoreError:
@@ -443,20 +444,40 @@ class StoreReader:
             self._conn.close()
             raise
 
-    def games(self) -> list[GameRow]:
-        """Every game in the store, in insertion order."""
+    def games(self, after: int | None = None) -> list[GameRow]:
+        """The games in insertion order: all, or those with a rowid above ``after``."""
+        where, params = ("", ()) if after is None else (" WHERE rowid > ?", (after,))
+        return self._game_rows(where, params)
+
+    def games_at(self, rowids: Sequence[int]) -> list[GameRow]:
+        """The games with these rowids (those still present), in insertion order."""
+        where = " WHERE rowid IN (SELECT value FROM json_each(?))"
+        return self._game_rows(where, (json.dumps(list(rowids)),))
+
+    def _game_rows(self, where: str, params: Sequence[object]) -> list[GameRow]:
         sql = (
-            "SELECT game_id, status, move_count, returns, board_type, num_players"
-            " FROM games ORDER BY rowid"
+            "SELECT game_id, status, move_count, returns, board_type, num_players, rowid"
+            f" FROM games{where} ORDER BY rowid"
         )
         try:
-            return [GameRow(*row) for row in self._conn.execute(sql)]
+            return [GameRow(*row) for row in self._conn.execute(sql, params)]
         except sqlite3.Error as exc:
             raise _classify(exc, self.path) from exc
 
-    def count_games(self) -> int:
+    def id_hex(self, rowid: int) -> str | None:
+        """The hex of the game id at ``rowid`` (None if no such row): to tell a row apart."""
+        sql = "SELECT hex(game_id) FROM games WHERE rowid = ?"
         try:
-            return self._conn.execute("SELECT count(*) FROM games").fetchone()[0]
+            row = self._conn.execute(sql, (rowid,)).fetchone()
+        except sqlite3.Error as exc:
+            raise _classify(exc, self.path) from exc
+        return None if row is None else row[0]
+
+    def count_games(self, after: int | None = None) -> int:
+        """How many games: all, or those with a rowid above ``after``."""
+        where, params = ("", ()) if after is None else (" WHERE rowid > ?", (after,))
+        try:
+            return self._conn.execute(f"SELECT count(*) FROM games{where}", params).fetchone()[0]
         except sqlite3.Error as exc:
             raise _classify(exc, self.path) from exc
 

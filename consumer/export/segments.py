@@ -24,7 +24,7 @@ from msgspec import Struct
 
 from consumer.export.encode import Encoded
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _MANIFEST = "manifest.json"
 _SEGMENT_SUFFIX = ".seg"
 
@@ -59,10 +59,24 @@ class Segment(Struct, frozen=True):
     bad_policy_moves: int
 
 
+class StoreMark(Struct, frozen=True, kw_only=True):
+    """How far a store was read: every game up to ``rowid`` is in its segments or counted
+    as skipped, except the ``pending`` ones (in progress) and the ``duplicates``."""
+
+    store_id: str
+    rowid: int
+    rows: int  # games with a rowid up to ``rowid``
+    id_hex: str | None  # hex of the game id at ``rowid``: a reused rowid shows
+    pending: list[int]  # rowids of games in progress
+    duplicates: list[str]  # ids taken from an earlier store
+    skipped: dict[str, int]  # the other games rejected before encoding, by reason
+
+
 class Manifest(Struct):
     cache_format: int
     key: dict[str, Any]
     segments: list[Segment]
+    marks: dict[str, StoreMark]  # by store path
 
 
 def cache_key(fields: dict[str, Any]) -> str:
@@ -170,12 +184,14 @@ class Workspace:
         directory: Path,
         key: dict[str, Any],
         segments: list[Segment],
+        marks: dict[str, StoreMark],
         *,
         persistent: bool = True,
     ) -> None:
         self.directory = directory
         self.key = key
         self.segments = segments
+        self.marks = marks
         self.persistent = persistent
 
     @classmethod
@@ -187,11 +203,12 @@ class Workspace:
         except (OSError, msgspec.DecodeError):
             manifest = None
         if manifest is None or manifest.cache_format != CACHE_FORMAT or manifest.key != key:
-            segments = []
+            segments, marks = [], {}
         else:
             broken = {s.store_path for s in manifest.segments if not _segment_intact(directory, s)}
             segments = [s for s in manifest.segments if s.store_path not in broken]
-        workspace = cls(directory, key, segments)
+            marks = {p: m for p, m in manifest.marks.items() if p not in broken}
+        workspace = cls(directory, key, segments, marks)
         workspace.remove_unlisted()
         return workspace
 
@@ -235,7 +252,9 @@ class Workspace:
         return SegmentWriter(self.directory, store_path, store_id, fsync=self.persistent)
 
     def save(self) -> None:
-        manifest = Manifest(cache_format=CACHE_FORMAT, key=self.key, segments=self.segments)
+        manifest = Manifest(
+            cache_format=CACHE_FORMAT, key=self.key, segments=self.segments, marks=self.marks
+        )
         tmp = self.directory / f".{_MANIFEST}.{uuid.uuid4().hex}.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -257,5 +276,6 @@ class Workspace:
     def clear(self) -> None:
         """Forget every segment (the lock file stays: a waiting exporter holds it open)."""
         self.segments = []
+        self.marks = {}
         (self.directory / _MANIFEST).unlink(missing_ok=True)
         self.remove_unlisted()
