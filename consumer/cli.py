@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -189,6 +190,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     from schemas.subjects import InvalidConfigKey
 
     def watch() -> int:
+        if args.durable is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.durable):
+            print(f"autoexport watch: --durable {args.durable!r}: use 1-64 of A-Z a-z 0-9 _ -",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        if args.count is not None and args.count < 1:
+            print("autoexport watch: --count must be at least 1", file=sys.stderr)
+            return 2
         try:
             asyncio.run(
                 watch_exports(

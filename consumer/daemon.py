@@ -76,17 +76,26 @@ async def connect(url: str, stop: asyncio.Event) -> Client | None:
     return None
 
 
+def make_directories(settings: Settings) -> None:
+    """Create the directories the daemon writes; raises OSError saying which one failed."""
+    for name in ("data_dir", "games_dir", "output_dir"):
+        path = getattr(settings, name) or ""
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot use {name} {path}: {exc.strerror}") from None
+
+
 async def run_daemon(
     settings: Settings, stop: asyncio.Event | None = None, *, exit_when_idle: bool = False
 ) -> int:
     """Run until ``stop`` is set (or, with ``exit_when_idle``, until nothing is left to do)."""
     stop = stop or asyncio.Event()
     assert settings.nats_url is not None, "start an embedded server first"
-    for directory in (settings.games_dir, settings.output_dir):
-        os.makedirs(directory or "", exist_ok=True)
     try:
+        make_directories(settings)
         store = await Store.open(settings.state_db or "", owner=True)
-    except StoreError as exc:
+    except (StoreError, OSError) as exc:
         log.error("%s", exc)
         return 1
     nc = await connect(settings.nats_url, stop)
@@ -112,6 +121,7 @@ async def run_daemon(
                 " daemon its own durable_name, or stop the other one.",
                 peer.get("host"), peer.get("pid"), peer.get("data_dir"), settings.durable_name,
             )  # fmt: skip
+            stop.set()  # quiet: the disconnect that follows is ours
             return 1
         service = await control.start(nc, store, scheduler, metadata)
         tasks = [
@@ -183,6 +193,12 @@ def serve(settings: Settings, *, exit_when_idle: bool = False) -> int:
     except telemetry.TelemetryError as exc:
         log.error("%s", exc)
         return 2
+    try:
+        make_directories(settings)  # before an embedded server starts in them
+    except OSError as exc:
+        log.error("%s", exc)
+        stop_telemetry()
+        return 1
     server = None
     if settings.nats_url is None:
         server = EmbeddedServer(

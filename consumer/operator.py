@@ -70,7 +70,7 @@ async def status_from_file(state_db: str) -> dict[str, Any]:
     if not Path(state_db).is_file():
         raise DaemonUnreachable(f"no state database at {state_db}")
     try:
-        async with await Store.open(state_db) as store:
+        async with await Store.open_readonly(state_db) as store:
             return await store.status()
     except StoreError as exc:
         raise DaemonUnreachable(str(exc)) from None

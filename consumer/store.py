@@ -13,6 +13,7 @@ import fcntl
 import json
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -173,6 +174,27 @@ class Store:
                 raise
             raise StoreError(f"state database {path} is unusable: {exc}") from exc
         return cls(db, owner_lock)
+
+    @classmethod
+    async def open_readonly(cls, path: str | Path) -> Store:
+        """Open an existing state database to read it (a stopped daemon's): never creates,
+        migrates or writes a file, and refuses one that is not an autoexport state file."""
+        uri = f"file:{urllib.parse.quote(str(Path(path).absolute()))}?mode=ro"
+        try:
+            db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state database {path}: {exc}") from None
+        try:
+            async with db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] != SCHEMA_VERSION:
+                raise StoreError(f"{path} is not an autoexport state database")
+        except (sqlite3.DatabaseError, StoreError) as exc:
+            await db.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"state database {path} is unusable: {exc}") from None
+        return cls(db)
 
     async def close(self) -> None:
         await self._db.close()

@@ -19,7 +19,9 @@ from msgspec import Meta, Struct
 
 ENV_PREFIX = "AUTOEXPORT_"
 
-PositiveSeconds = Annotated[float, Meta(gt=0)]
+YEAR_S = 365 * 86_400.0
+# Bounded above too: an infinite or absurd duration would overflow timestamps later.
+PositiveSeconds = Annotated[float, Meta(gt=0, le=YEAR_S)]
 
 
 class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -31,7 +33,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     state_db: str | None = None  # default <data_dir>/export_daemon_state.db
 
     min_games_threshold: Annotated[int, Meta(ge=1)] = 100
-    export_cooldown_seconds: Annotated[float, Meta(ge=0)] = 300.0
+    export_cooldown_seconds: Annotated[float, Meta(ge=0, le=YEAR_S)] = 300.0
     max_concurrent_exports: Annotated[int, Meta(ge=1, le=64)] = 2
     export_timeout_seconds: PositiveSeconds = 3600.0
     use_incremental_export: bool = True
@@ -47,7 +49,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Batch ids (the dedupe memory) and rejected messages are forgotten after this long.
     # Keep it well past the events stream's 7-day retention: an older batch announced
     # again would count again.
-    retention_days: Annotated[float, Meta(ge=8)] = 14.0
+    retention_days: Annotated[float, Meta(ge=8, le=3650)] = 14.0
 
     durable_name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "autoexport"
     fetch_batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 1000
@@ -95,7 +97,10 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX) :].lower()
         if key not in FIELDS:
             raise SettingsError(f"unknown setting {name} (known: {_known('AUTOEXPORT_')})")
-        values[key] = shlex.split(raw) if key == "export_command" else raw
+        try:
+            values[key] = shlex.split(raw) if key == "export_command" else raw
+        except ValueError as exc:  # an unbalanced quote
+            raise SettingsError(f"invalid setting {name}={raw!r}: {exc}") from None
     return values
 
 

@@ -311,3 +311,18 @@ def test_an_empty_variable_means_not_set() -> None:
 def test_a_cluster_is_several_urls() -> None:
     url = "nats://a:4222,nats://b:4222"
     assert load_settings({"AUTOEXPORT_NATS_URL": url}).nats_url == url
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"AUTOEXPORT_EXPORT_COOLDOWN_SECONDS": "inf"}, "export_cooldown_seconds"),
+        ({"AUTOEXPORT_ACK_WAIT_SECONDS": "1e15"}, "ack_wait_seconds"),
+        ({"AUTOEXPORT_EXPORT_COMMAND": 'python "unterminated'}, "EXPORT_COMMAND"),
+    ],
+)
+def test_infinite_durations_and_unbalanced_quotes_stop_the_start(
+    env: dict[str, str], field: str
+) -> None:
+    with pytest.raises(SettingsError, match=field):
+        load_settings(env)

@@ -727,3 +727,14 @@ async def test_retire_forgets_old_batch_ids_and_rejections_only(tmp_path: Path) 
         status = await store.status(now=6_000.0)
         assert status["rejected_messages"] == 0
         assert status["states"]["hex8_2p"]["total_games"] == 3
+
+
+async def test_a_read_only_open_never_writes_or_accepts_a_foreign_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(StoreError, match="not an autoexport state database"):
+        await Store.open_readonly(empty)
+    assert empty.stat().st_size == 0
+    with pytest.raises(StoreError):
+        await Store.open_readonly(tmp_path / "missing.db")
+    assert not (tmp_path / "missing.db").exists()
