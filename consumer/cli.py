@@ -222,11 +222,22 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return _traced("autoexport-watch", watch)
 
 
+DURABLE_HELP = "the daemon's durable_name, when several run on one server (default autoexport)"
+
+
+def _control_subject(verb: str, args: argparse.Namespace) -> str:
+    from schemas.subjects import DEFAULT_DURABLE, control_subject
+
+    durable = args.durable or os.environ.get("AUTOEXPORT_DURABLE_NAME") or DEFAULT_DURABLE
+    return control_subject(verb, durable)
+
+
 def _add_operator(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="ask the running daemon (or read a state file)")
     p.add_argument("--nats-url")
     p.add_argument("--state-db", help="read a stopped daemon's state file instead")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--durable", help=DURABLE_HELP)
     p.set_defaults(command=_cmd_status)
     for name, help_text in (
         ("export-now", "export CONFIG now, bypassing threshold, cooldown and backoff"),
@@ -236,6 +247,7 @@ def _add_operator(sub: argparse._SubParsersAction) -> None:
         q = sub.add_parser(name, help=help_text)
         q.add_argument("config", metavar="CONFIG", help="e.g. hex8_2p")
         q.add_argument("--nats-url")
+        q.add_argument("--durable", help=DURABLE_HELP)
         q.set_defaults(command=_cmd_config_request, request=name)
 
 
@@ -246,13 +258,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         request,
         status_from_file,
     )
-    from schemas.subjects import STATUS_SUBJECT
 
     try:
         if args.state_db:
             status = asyncio.run(status_from_file(args.state_db))
         else:
-            status = asyncio.run(request(_nats_url(args), STATUS_SUBJECT))
+            status = asyncio.run(request(_nats_url(args), _control_subject("status", args)))
     except DaemonUnreachable as exc:
         print(f"autoexport: {exc}", file=sys.stderr)
         return 1
@@ -262,13 +273,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_config_request(args: argparse.Namespace) -> int:
     from consumer.operator import DaemonUnreachable, RequestRefused, request
-    from schemas import subjects
 
-    subject = {
-        "export-now": subjects.EXPORT_NOW_SUBJECT,
-        "pause": subjects.PAUSE_SUBJECT,
-        "resume": subjects.RESUME_SUBJECT,
-    }[args.request]
+    subject = _control_subject(args.request, args)
     try:
         reply = asyncio.run(request(_nats_url(args), subject, {"config": args.config}))
     except (DaemonUnreachable, RequestRefused) as exc:

@@ -79,6 +79,7 @@ async def start(
     async def status(req: Request) -> None:
         body: dict[str, Any] = await store.status()
         body["running_exports"] = scheduler.running
+        body["daemon"] = metadata  # which daemon answered: durable, data dir, host, pid
         for config, hold in scheduler.explain(await store.config_states()).items():
             if config in body["states"]:
                 body["states"][config]["held"] = hold.reason
@@ -112,11 +113,13 @@ async def start(
             metadata=metadata,
         ),
     )
-    for name, subject, handler in (
-        ("status", subjects.STATUS_SUBJECT, status),
-        ("export-now", subjects.EXPORT_NOW_SUBJECT, export_now),
-        ("pause", subjects.PAUSE_SUBJECT, pauser(True)),
-        ("resume", subjects.RESUME_SUBJECT, pauser(False)),
+    durable = metadata["durable"]
+    for name, handler in (
+        ("status", status),
+        ("export-now", export_now),
+        ("pause", pauser(True)),
+        ("resume", pauser(False)),
     ):
+        subject = subjects.control_subject(name, durable)
         await service.add_endpoint(EndpointConfig(name=name, subject=subject, handler=handler))
     return service

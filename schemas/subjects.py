@@ -32,10 +32,21 @@ DEAD_LETTER_SUBJECTS = (f"{DEAD_LETTER}.>",)
 
 # Request/reply endpoints of the running daemon (a NATS micro service).
 SERVICE_NAME = "autoexport"
-STATUS_SUBJECT = "autoexport.status"
-EXPORT_NOW_SUBJECT = "autoexport.export-now"
-PAUSE_SUBJECT = "autoexport.pause"
-RESUME_SUBJECT = "autoexport.resume"
+DEFAULT_DURABLE = "autoexport"
+
+
+def control_subject(verb: str, durable: str = DEFAULT_DURABLE) -> str:
+    """Where the daemon consuming ``durable`` answers ``verb``: two daemons on one server
+    (each with its own durable) must not answer each other's operator requests."""
+    if durable == DEFAULT_DURABLE:
+        return f"autoexport.{verb}"
+    return f"autoexport.{durable}.{verb}"
+
+
+STATUS_SUBJECT = control_subject("status")
+EXPORT_NOW_SUBJECT = control_subject("export-now")
+PAUSE_SUBJECT = control_subject("pause")
+RESUME_SUBJECT = control_subject("resume")
 
 
 class InvalidConfigKey(ValueError):

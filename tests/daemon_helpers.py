@@ -108,19 +108,22 @@ async def collect_dead_letters(nc: Client) -> Collector:
     return collector
 
 
-async def status(url: str) -> dict[str, Any]:
-    return await request(url, subjects.STATUS_SUBJECT)
+async def status(url: str, subject: str = subjects.STATUS_SUBJECT) -> dict[str, Any]:
+    return await request(url, subject)
 
 
 async def wait_for_status(
-    url: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 15.0
+    url: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float = 15.0,
+    subject: str = subjects.STATUS_SUBJECT,
 ) -> dict[str, Any]:
     """Ask the daemon until its status satisfies ``predicate`` (bounded)."""
     deadline = asyncio.get_running_loop().time() + timeout
     current: dict[str, Any] | None = None
     while True:
         with contextlib.suppress(Exception):
-            current = await status(url)
+            current = await status(url, subject)
             if predicate(current):
                 return current
         if asyncio.get_running_loop().time() > deadline:

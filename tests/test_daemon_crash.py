@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from consumer.embedded import EmbeddedServer
 from consumer.streams import ensure_streams
 from schemas.events import ExportCompleted, ExportStarted
+from schemas.subjects import control_subject
 from tests.daemon_helpers import (
     FAKE_JOB,
     collect_exports,
@@ -345,13 +346,23 @@ async def test_a_second_daemon_on_the_same_durable_is_refused_not_splitting_even
         )  # fmt: skip
         assert same_durable.returncode == 1
         assert "already consumes durable 'autoexport'" in same_durable.stderr
-        # Its own durable makes it an independent deployment: it may run.
+        # Its own durable makes it an independent deployment: it may run, and operator
+        # requests name the daemon they are for.
         other = subprocess.Popen(
             [sys.executable, "-m", "consumer.cli", "run", "--nats-url", nats_server.url,
-             "--data-dir", str(tmp_path / "c"), "--exit-when-idle"],
+             "--data-dir", str(tmp_path / "c")],
             env={**os.environ, "AUTOEXPORT_DURABLE_NAME": "staging"},
         )  # fmt: skip
-        assert other.wait(30) == 0
+        try:
+            staging = await wait_for_status(
+                nats_server.url, lambda s: True, subject=control_subject("status", "staging")
+            )
+            default = await wait_for_status(nats_server.url, lambda s: True)
+            assert staging["daemon"]["data_dir"] == str(tmp_path / "c")
+            assert default["daemon"]["data_dir"] == str(tmp_path / "a" / "data")
+        finally:
+            other.send_signal(signal.SIGTERM)
+            assert other.wait(20) == 0
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(20) == 0
