@@ -26,6 +26,8 @@ from schemas.events import ExportCompleted, ExportFailed, ExportStarted
 from schemas.settings import load_settings
 from schemas.subjects import config_key
 
+EXPORT_GRACE_S = 30.0
+
 
 class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: str | None = None  # default: a new temporary directory
@@ -79,8 +81,20 @@ async def run_demo(options: DemoOptions) -> int:
         )
         for n in range(options.nodes):
             nodes.append(await _start_node(options, url, settings.games_dir or "", n))
-        await asyncio.wait_for(trainer, options.timeout_s)
+        selfplay = asyncio.ensure_future(asyncio.gather(*(node.wait() for node in nodes)))
+        await asyncio.wait([trainer, selfplay], timeout=options.timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if not trainer.done() and selfplay.done():
+            # Every game is played: what they allow is exported within a short grace.
+            await asyncio.wait([trainer], timeout=EXPORT_GRACE_S)
         await nc.close()
+        if not trainer.done():
+            trainer.cancel()
+            say(
+                f"selfplay finished but fewer than {options.exports} datasets were announced: "
+                "play more games (--games-per-node) or lower --min-games / --exports"
+            )
+            return 1
         return 0 if trainer.result() else 1
     finally:
         for node in nodes:

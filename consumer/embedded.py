@@ -86,8 +86,14 @@ class EmbeddedServer:
         log_path = self.store_dir / "nats-server.log"
         log_start = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log_file:
+            # Its own session: a Ctrl-C in the terminal reaches the daemon, which stops the
+            # server after its client has closed, rather than both at once.
             self._proc = subprocess.Popen(
-                argv, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
         # nats-server writes <binary>_<pid>.ports once it listens.
