@@ -89,8 +89,10 @@ def spans(module_spans: InMemorySpanExporter) -> InMemorySpanExporter:
 @pytest.fixture(scope="module")
 def metric_reader() -> InMemoryMetricReader:
     reader = InMemoryMetricReader()
-    if isinstance(metrics.get_meter_provider(), MeterProvider):
-        pytest.skip("another SDK meter provider is installed in this process")
+    # Fail, never skip: a provider installed earlier would hide these tests' instruments.
+    assert not isinstance(metrics.get_meter_provider(), MeterProvider), (
+        "another SDK meter provider is installed in this process"
+    )
     metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
     return reader
 
