@@ -46,6 +46,17 @@ def nats_server_binary() -> str:
     return found
 
 
+def _client_url(ports_dir: Path, pid: int) -> str | None:
+    """The client URL nats-server wrote to its ports file, once the file is complete."""
+    for ports_file in ports_dir.glob(f"*_{pid}.ports"):
+        try:
+            urls = json.loads(ports_file.read_text()).get("nats") or []
+        except (OSError, ValueError):
+            return None
+        return urls[0] if urls else None
+    return None
+
+
 class EmbeddedServer:
     """One ``nats-server -js`` on loopback with its store under ``store_dir``.
 
@@ -96,8 +107,9 @@ class EmbeddedServer:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
-        # nats-server writes <binary>_<pid>.ports once it listens.
-        while not (found := list(ports_dir.glob(f"*_{self._proc.pid}.ports"))):
+        # nats-server writes <binary>_<pid>.ports once it listens; the file can exist a
+        # moment before its content does, so wait for a client URL in it.
+        while (client_url := _client_url(ports_dir, self._proc.pid)) is None:
             if self._proc.poll() is not None:
                 self._release_store()
                 with log_path.open("rb") as fh:
@@ -115,9 +127,7 @@ class EmbeddedServer:
                 self.stop()
                 raise EmbeddedServerError(f"nats-server did not start in {timeout_s}s")
             time.sleep(0.01)
-        client_urls = json.loads(found[0].read_text() or "{}").get("nats", [])
-        if client_urls:
-            self.port = int(client_urls[0].rsplit(":", 1)[1])
+        self.port = int(client_url.rsplit(":", 1)[1])
         log.info("embedded nats-server listening on %s (store %s)", self.url, self.store_dir)
         return self.url
 
