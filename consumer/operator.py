@@ -71,9 +71,13 @@ async def status_from_file(state_db: str) -> dict[str, Any]:
         raise DaemonUnreachable(f"no state database at {state_db}")
     try:
         async with await Store.open_readonly(state_db) as store:
-            return await store.status()
+            status = await store.status()
     except StoreError as exc:
         raise DaemonUnreachable(str(exc)) from None
+    # Read from a file, an export "in progress" is one the next start resumes.
+    for state in status["states"].values():
+        state["interrupted"] = state["in_progress"]
+    return status
 
 
 async def publish_event(url: str, event: SelfplayCompleted | DataSyncCompleted) -> dict[str, Any]:
@@ -105,7 +109,8 @@ def render_status(status: dict[str, Any]) -> str:
     for config, st in status["states"].items():
         ago = "never" if st["last_export"] is None else f"{st['last_export']:.0f}s ago"
         state = (
-            "exporting" if st["in_progress"]
+            "interrupted (resumed at the next start)" if st.get("interrupted")
+            else "exporting" if st["in_progress"]
             else "paused" if st["paused"]
             else st.get("held") or ("failing" if st["failures"] else "idle")
         )  # fmt: skip

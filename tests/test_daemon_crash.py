@@ -211,6 +211,12 @@ async def test_an_export_interrupted_by_a_crash_is_resumed_after_restart(
     finally:
         stop(daemon)
     assert alive(job_pid) and alive(child_pid)  # a SIGKILLed daemon cannot clean up
+    offline = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "status",
+         "--state-db", str(tmp_path / "data" / "export_daemon_state.db")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "interrupted (resumed at the next start)" in offline.stdout
 
     restarted = start_daemon(tmp_path, nats_server.url, "--min-games", "10", mode="ok")
     try:
