@@ -95,12 +95,13 @@ class Scheduler:
             now = time.time()
             # The pending gauge covers every config: refreshed at most every few seconds,
             # and once more after the last change, so it never stays stale.
-            gauge_stale = True
-            if now >= self._gauge_due:
-                every = await self._store.config_states()
-                telemetry.set_games_pending({s.config: s.games_pending for s in every})
-                self._gauge_due, gauge_stale = now + GAUGE_REFRESH_S, False
-            states = await self._store.config_states(min_pending=self._policy.threshold)
+            gauge_stale = now < self._gauge_due
+            if gauge_stale:
+                states = await self._store.config_states(min_pending=self._policy.threshold)
+            else:  # every config: the gate holds the extra ones for games, as always
+                states = await self._store.config_states()
+                telemetry.set_games_pending({s.config: s.games_pending for s in states})
+                self._gauge_due = now + GAUGE_REFRESH_S
             plan = plan_exports(
                 states,
                 live=frozenset(self._jobs),

@@ -44,6 +44,12 @@ def start_daemon(
         return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def autoexport(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """One CLI command to completion, as an operator would type it."""
+    argv = [sys.executable, "-m", "consumer.cli", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+
+
 def counted_games(state_db: Path) -> int:
     """Read the daemon's committed counts from its state file, as an operator could."""
     if not state_db.exists():
@@ -110,11 +116,10 @@ async def test_sigterm_stops_cleanly_and_state_is_readable_offline(
         assert daemon.wait(20) == 0
     finally:
         stop(daemon)
-    out = subprocess.run(
-        [sys.executable, "-m", "consumer.cli", "status", "--json",
-         "--state-db", str(tmp_path / "data" / "export_daemon_state.db")],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    out = autoexport(
+        "status", "--json", "--state-db", str(tmp_path / "data" / "export_daemon_state.db")
+    )
+    assert out.returncode == 0, out.stderr
     assert '"games_pending": 42' in out.stdout
 
 
@@ -145,10 +150,7 @@ async def test_survives_the_server_going_away_and_its_consumer_being_deleted(
 
 def test_an_export_command_with_an_unknown_field_stops_the_start(tmp_path: Path) -> None:
     env = {**os.environ, "AUTOEXPORT_EXPORT_COMMAND": "exporter --out {output}"}
-    out = subprocess.run(
-        [sys.executable, "-m", "consumer.cli", "run", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=30, env=env,
-    )  # fmt: skip
+    out = autoexport("run", "--data-dir", str(tmp_path), env=env)
     assert out.returncode == 2
     assert "export_command" in out.stderr and "{output}" in out.stderr, out.stderr
 
@@ -164,10 +166,7 @@ def test_an_export_command_with_an_unknown_field_stops_the_start(tmp_path: Path)
 def test_nonsense_settings_stop_the_start_with_one_line(
     tmp_path: Path, flag: str, value: str, message: str
 ) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "consumer.cli", "run", "--data-dir", str(tmp_path), flag, value],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    out = autoexport("run", "--data-dir", str(tmp_path), flag, value)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and value in lines[0], out.stderr
@@ -211,11 +210,8 @@ async def test_an_export_interrupted_by_a_crash_is_resumed_after_restart(
     finally:
         stop(daemon)
     assert alive(job_pid) and alive(child_pid)  # a SIGKILLed daemon cannot clean up
-    offline = subprocess.run(
-        [sys.executable, "-m", "consumer.cli", "status",
-         "--state-db", str(tmp_path / "data" / "export_daemon_state.db")],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    offline = autoexport("status", "--state-db", str(tmp_path / "data" / "export_daemon_state.db"))
+    assert offline.returncode == 0, offline.stderr
     assert "interrupted (resumed at the next start)" in offline.stdout
 
     restarted = start_daemon(tmp_path, nats_server.url, "--min-games", "10", mode="ok")
@@ -271,11 +267,9 @@ async def test_a_second_daemon_on_the_same_state_database_is_refused(
     first = start_daemon(tmp_path, nats_server.url)
     try:
         await wait_for_status(nats_server.url, lambda s: True)
-        second = subprocess.run(
-            [sys.executable, "-m", "consumer.cli", "run", "--nats-url", nats_server.url,
-             "--data-dir", str(tmp_path / "data")],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+        second = autoexport(
+            "run", "--nats-url", nats_server.url, "--data-dir", str(tmp_path / "data")
+        )
         assert second.returncode == 1
         assert "in use by another autoexport daemon" in second.stderr
         assert first.poll() is None
@@ -304,11 +298,12 @@ async def test_a_sigkilled_daemon_takes_its_embedded_server_along_and_restarts(
         assert alive(server_pid)
 
         # A second daemon on the same data directory is refused before it starts a server.
-        second = subprocess.run(
-            [sys.executable, "-m", "consumer.cli", "run", "--data-dir", str(tmp_path / "data")],
-            capture_output=True, text=True, timeout=30,
+        second = autoexport(
+            "run",
+            "--data-dir",
+            str(tmp_path / "data"),
             env={**os.environ, "AUTOEXPORT_EMBEDDED_NATS_PORT": "0"},
-        )  # fmt: skip
+        )
         assert second.returncode == 1
         assert "another autoexport daemon" in second.stderr
         assert len(list(ports.glob("*.ports"))) == 1
@@ -345,11 +340,9 @@ async def test_a_second_daemon_on_the_same_durable_is_refused_not_splitting_even
     first = start_daemon(tmp_path / "a", nats_server.url)
     try:
         await wait_for_status(nats_server.url, lambda s: True)
-        same_durable = subprocess.run(
-            [sys.executable, "-m", "consumer.cli", "run", "--nats-url", nats_server.url,
-             "--data-dir", str(tmp_path / "b")],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+        same_durable = autoexport(
+            "run", "--nats-url", nats_server.url, "--data-dir", str(tmp_path / "b")
+        )
         assert same_durable.returncode == 1
         assert "already consumes durable 'autoexport'" in same_durable.stderr
         # Its own durable makes it an independent deployment: it may run, and operator
