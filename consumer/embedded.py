@@ -6,7 +6,6 @@ Used by ``autoexport run`` when no NATS URL is configured, by the demo, and by t
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import logging
 import shutil
@@ -16,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 from typing import IO
+
+from consumer.locks import try_lock
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +134,12 @@ class EmbeddedServer:
 
     def _lock_store(self) -> None:
         """One server per store directory: two servers on one JetStream store corrupt it."""
-        lock = (self.store_dir / "server.lock").open("ab")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
+        self._store_lock = try_lock(self.store_dir / "server.lock")
+        if self._store_lock is None:
             raise EmbeddedServerError(
                 f"another autoexport daemon runs an embedded nats-server on {self.store_dir}; "
                 "give each daemon its own --data-dir"
-            ) from None
-        self._store_lock = lock
+            )
 
     def _release_store(self) -> None:
         lock, self._store_lock = self._store_lock, None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import sqlite3
 import time
@@ -22,6 +21,7 @@ import aiosqlite
 from msgspec import Struct
 
 from consumer.decide import ConfigState, Counted, Reject
+from consumer.locks import try_lock
 from schemas.events import utc_from_unix
 
 SCHEMA_VERSION = 1
@@ -550,15 +550,12 @@ class Store:
 
 
 def _lock_owner(path: Path) -> IO[bytes]:
-    lock = (path.parent / f"{path.name}.lock").open("ab")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
+    lock = try_lock(path.parent / f"{path.name}.lock")
+    if lock is None:
         raise StoreError(
             f"state database {path} is in use by another autoexport daemon; "
             "give each daemon its own --data-dir or --state-db"
-        ) from None
+        )
     return lock
 
 

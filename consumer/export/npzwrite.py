@@ -6,7 +6,6 @@ directory, lock file) and ``cleanup_stale_temp_files`` for a daemon after a cras
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +19,8 @@ from typing import BinaryIO
 
 import numpy as np
 from msgspec import Struct
+
+from consumer.locks import try_lock
 
 # ".<output name>.<random hex>.tmp.npz": hidden, in the output's directory (same
 # filesystem, so os.replace is atomic), and ending in .npz so numpy never renames it.
@@ -82,17 +83,11 @@ def work_dir(output: Path) -> Path:
 @contextmanager
 def output_lock(output: Path) -> Iterator[None]:
     """Hold the output's lock file (one writer per output); raise OutputBusy if held."""
-    fd = os.open(
-        output.with_name(LOCK_PATTERN.format(name=output.name)), os.O_RDWR | os.O_CREAT, 0o644
-    )
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise OutputBusy(f"another export is writing {output}") from exc
+    lock = try_lock(output.with_name(LOCK_PATTERN.format(name=output.name)))
+    if lock is None:
+        raise OutputBusy(f"another export is writing {output}")
+    with lock:
         yield
-    finally:
-        os.close(fd)
 
 
 def cleanup_stale_temp_files(output_path: str | Path) -> list[Path]:
