@@ -139,6 +139,18 @@ class StoreError(RuntimeError):
     pass
 
 
+async def _connect(database: str | Path, **kwargs: Any) -> aiosqlite.Connection:
+    connection = aiosqlite.connect(database, isolation_level=None, **kwargs)
+    try:
+        return await connection
+    except BaseException:
+        # A failed connect makes aiosqlite stop its worker thread without waiting for it;
+        # the thread then reports to this event loop, which may have closed by then (an
+        # error in a thread). Wait until it has stopped.
+        await asyncio.to_thread(connection._thread.join)
+        raise
+
+
 class Store:
     """One open state database. Create with ``await Store.open(path)``."""
 
@@ -155,7 +167,14 @@ class Store:
         writes it; a second daemon on the same file is refused instead of racing the first."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         owner_lock = _lock_owner(Path(path)) if owner else None
-        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            db = await _connect(path)
+        except BaseException as exc:
+            if owner_lock is not None:
+                owner_lock.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open state database {path}: {exc}") from None
+            raise
         try:
             await _check_version(db, path)  # before touching a file of another version
             await db.execute("PRAGMA journal_mode=WAL")
@@ -181,7 +200,7 @@ class Store:
         migrates or writes a file, and refuses one that is not an autoexport state file."""
         uri = f"file:{urllib.parse.quote(str(Path(path).absolute()))}?mode=ro"
         try:
-            db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            db = await _connect(uri, uri=True)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state database {path}: {exc}") from None
         try:

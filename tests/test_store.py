@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -738,3 +739,22 @@ async def test_a_read_only_open_never_writes_or_accepts_a_foreign_file(tmp_path:
     with pytest.raises(StoreError):
         await Store.open_readonly(tmp_path / "missing.db")
     assert not (tmp_path / "missing.db").exists()
+
+
+def aiosqlite_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_a_failed_open_says_why_and_leaves_no_worker_thread(
+    tmp_path: Path, read_only: bool
+) -> None:
+    # A directory where the file should be: sqlite cannot open it. aiosqlite stops its
+    # thread on a failed connect without waiting; a thread still running after the test's
+    # event loop closed would fail on it (this was a flaky CI error).
+    path = tmp_path / "state.db"
+    path.mkdir()
+    before = set(aiosqlite_threads())
+    with pytest.raises(StoreError, match=r"cannot open state database .*state\.db"):
+        await (Store.open_readonly(path) if read_only else Store.open(path, owner=True))
+    assert set(aiosqlite_threads()) - before == set()
