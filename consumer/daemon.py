@@ -106,7 +106,7 @@ async def run_daemon(
         js = nc.jetstream()
         outbox = Outbox(store, js)
         scheduler = Scheduler(settings, store, outbox)
-        ingest = Ingest(settings, js, store, outbox, scheduler)
+        ingest = Ingest(settings, nc, store, outbox, scheduler)
         metadata = {
             "durable": settings.durable_name,
             "data_dir": settings.data_dir,

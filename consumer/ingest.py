@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 from opentelemetry.trace import StatusCode
@@ -24,6 +25,7 @@ from consumer.decide import (
     classify,
 )
 from consumer.outbox import Outbox, outgoing
+from consumer.pull import PullConsumer, PullError, PullStalled
 from consumer.retry import Retry
 from consumer.scheduler import Scheduler
 from consumer.store import Outgoing, RejectedMessage, Store
@@ -42,9 +44,6 @@ from schemas.settings import Settings
 
 log = logging.getLogger("autoexport")
 
-FETCH_TIMEOUT_S = 1.0
-PULL_STATUS_CODES = (400, 408, 409)
-
 
 def _summarize(added: dict[str, int], shown: int = 5) -> str:
     """``+50 hex8_2p, +10 go9_2p`` (the largest first), then how many more configs."""
@@ -56,6 +55,8 @@ def _summarize(added: dict[str, int], shown: int = 5) -> str:
 def _describe(exc: Exception) -> str:
     if isinstance(exc, APIError):
         return f"{type(exc).__name__} {exc.code} {exc.description}"
+    if isinstance(exc, PullError | PullStalled):
+        return str(exc)
     return repr(exc)
 
 
@@ -88,22 +89,22 @@ class Ingest:
     """The durable pull consumer: one SQLite transaction per fetched batch, then acks."""
 
     def __init__(
-        self, settings: Settings, js: JetStreamContext, store: Store, outbox: Outbox,
+        self, settings: Settings, nc: Client, store: Store, outbox: Outbox,
         scheduler: Scheduler,
     ) -> None:  # fmt: skip
-        self._settings, self._js, self._store = settings, js, store
-        self._outbox, self._scheduler = outbox, scheduler
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._settings, self._nc, self._js = settings, nc, nc.jetstream()
+        self._store, self._outbox, self._scheduler = store, outbox, scheduler
+        self._pull: PullConsumer | None = None
         self.caught_up = asyncio.Event()  # the last fetch found nothing pending
 
     async def provision(self) -> None:
         """Create or update the streams and the consumer (binding alone would ignore a
-        changed consumer config), then bind."""
+        changed consumer config), then subscribe for its messages."""
         await ensure_streams(self._js)
         await self._js.add_consumer(subjects.EVENTS_STREAM, consumer_config(self._settings))
-        self._sub = await self._js.pull_subscribe_bind(
-            self._settings.durable_name, subjects.EVENTS_STREAM
-        )
+        pull = PullConsumer(self._nc, subjects.EVENTS_STREAM, self._settings.durable_name)
+        await pull.start()
+        self._pull = pull
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch, classify, and commit; batch N commits (on aiosqlite's thread) while batch
@@ -119,39 +120,22 @@ class Ingest:
 
         while not stop.is_set():
             try:
-                if self._sub is None:
-                    await self.provision()
-                    log.info(
-                        "consuming %s as durable %r",
-                        subjects.EVENTS_STREAM,
-                        self._settings.durable_name,
-                    )
-                assert self._sub is not None
-                # No idle heartbeats: nats-py sends its follow-up pull with what is left of
-                # the timeout, and the server refuses a heartbeat larger than half of that
-                # (400). A 1 s pull notices a dead server as quickly.
-                msgs = await self._sub.fetch(
-                    self._settings.fetch_batch_size, timeout=FETCH_TIMEOUT_S
-                )
-            except TimeoutError:  # nats.errors.TimeoutError and asyncio's: nothing to fetch
-                await committed()
-                self.caught_up.set()
-                continue
+                msgs = await self._next_batch(stop, committed)
             except (
                 APIError,
+                PullError,
+                PullStalled,
                 nats.errors.NoRespondersError,
                 nats.errors.ConnectionReconnectingError,
+                nats.errors.TimeoutError,
             ) as exc:
-                if isinstance(exc, APIError) and exc.code in PULL_STATUS_CODES:
-                    # A status about this one pull request (bad request, expired, too many
-                    # waiting pulls): the consumer is fine, pull again.
-                    log.debug("pull answered %s %s", exc.code, exc.description)
-                    continue
-                # The consumer or stream was deleted, or JetStream is unavailable: fetch would
-                # fail instantly forever, so re-provision, pausing longer each time.
+                # The consumer or stream was deleted, JetStream is unavailable, or the
+                # server stopped answering: pulling again would fail the same way, so
+                # re-provision, pausing longer each time.
                 log.warning(
-                    "JetStream unavailable (%s): no JetStream on the server, or the stream"
-                    " or consumer was deleted; re-provisioning in %.1fs",
+                    "JetStream unavailable (%s): no JetStream on the server, the stream or"
+                    " consumer was deleted, or the server stopped answering;"
+                    " re-provisioning in %.1fs",
                     _describe(exc),
                     retry.next_s,
                 )
@@ -160,12 +144,41 @@ class Ingest:
                 await retry.pause(stop)
                 continue
             retry.reset()
-            self.caught_up.clear()
+            if not msgs:
+                continue
             batch = self.prepare(msgs)
             await committed()  # in order, and never more than one commit in flight
             committing = asyncio.create_task(self.commit(batch))
         await committed()
         await self._drop_subscription()
+
+    async def _next_batch(
+        self, stop: asyncio.Event, committed: Callable[[], Awaitable[None]]
+    ) -> list[Msg]:
+        """The next batch: what is pending now, or else the first messages to arrive
+        (nothing when the wait expires or ``stop`` is set)."""
+        if self._pull is None:
+            await self.provision()
+            durable = self._settings.durable_name
+            log.info("consuming %s as durable %r", subjects.EVENTS_STREAM, durable)
+        assert self._pull is not None
+        size = self._settings.fetch_batch_size
+        msgs = await self._pull.fetch(size)
+        if msgs:
+            self.caught_up.clear()
+            return msgs
+        await committed()
+        self.caught_up.set()
+        waiting = asyncio.ensure_future(self._pull.wait(size))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            stopped = not waiting.done()
+            if stopped:  # messages of the open request are redelivered after ack_wait
+                waiting.cancel()
+        return [] if stopped else waiting.result()
 
     async def drained(self) -> bool:
         """Nothing left in the consumer: none pending and none awaiting an ack."""
@@ -176,10 +189,10 @@ class Ingest:
         return info.num_pending == 0 and info.num_ack_pending == 0
 
     async def _drop_subscription(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
+        pull, self._pull = self._pull, None
+        if pull is not None:
             with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+                await pull.close()
 
     def prepare(self, msgs: list[Msg]) -> Batch:
         """Decide what each message means (pure work on the loop, no I/O)."""

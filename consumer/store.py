@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import aiosqlite
+import msgspec
 from msgspec import Struct
 
 from consumer.decide import ConfigState, Counted, Reject
@@ -270,8 +271,17 @@ class Store:
         db = self._db
         async with self._transaction():
             await db.execute("DELETE FROM incoming")
+            # One JSON parameter rather than executemany: sqlite3 releases the GIL for a
+            # whole statement but binds executemany's rows one by one under it, which
+            # stalled the event loop (and this thread) on every fetched batch.
             # OR IGNORE: the first announcement of a batch within one fetch wins.
-            await db.executemany("INSERT OR IGNORE INTO incoming VALUES (?,?,?,?,?,?,?)", rows)
+            await db.execute(
+                "INSERT OR IGNORE INTO incoming SELECT json_extract(value, '$[0]'),"
+                " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
+                " json_extract(value, '$[3]'), json_extract(value, '$[4]'),"
+                " json_extract(value, '$[5]'), json_extract(value, '$[6]') FROM json_each(?)",
+                (msgspec.json.encode(rows).decode(),),
+            )
             await db.execute(
                 "DELETE FROM incoming WHERE EXISTS (SELECT 1 FROM batches b"
                 " WHERE b.config_key = incoming.config_key AND b.batch_id = incoming.batch_id)"
