@@ -128,7 +128,7 @@ async def bare_pull_loop(url: str, durable: str, batch: int, count: int) -> None
         pull = PullConsumer(nc, subjects.EVENTS_STREAM, durable)
         done = 0
         while done < count:
-            msgs = await pull.fetch(batch) or await pull.wait(batch)
+            msgs = await pull.fetch(batch) or await pull.wait()
             for msg in msgs:
                 await msg.ack()
             done += len(msgs)

@@ -169,7 +169,7 @@ class Ingest:
             return msgs
         await committed()
         self.caught_up.set()
-        waiting = asyncio.ensure_future(self._pull.wait(size))
+        waiting = asyncio.ensure_future(self._pull.wait())
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)

@@ -90,19 +90,21 @@ class PullConsumer:
             await self._until(lambda: len(self._buffer) >= batch, self._expires_s)
         return self._take(batch)
 
-    async def wait(self, batch: int) -> list[Msg]:
-        """Hold a request open until the first message arrives (returned with any that
-        came with it), or until it expires (returns nothing)."""
+    async def wait(self) -> list[Msg]:
+        """Hold a request open until a message arrives (returned, with any already
+        buffered), or until it expires (returns nothing). The request asks for one message,
+        so it ends with it: the server never holds more than one of ours, however often a
+        trickle of messages wakes the daemon; ``fetch`` then takes whatever followed."""
         if not self._buffer:
             await self._request(
                 PullRequest(
-                    batch,
+                    1,
                     expires=int(self._expires_s * 1e9),
                     idle_heartbeat=int(self._heartbeat_s * 1e9),
                 )
             )
             await self._until(lambda: bool(self._buffer), 2 * self._heartbeat_s)
-        return self._take(batch)
+        return self._take(len(self._buffer))
 
     # ---- internals -----------------------------------------------------------------------
 

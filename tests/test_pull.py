@@ -52,21 +52,21 @@ async def test_fetch_takes_what_is_pending_in_batches_and_nothing_when_empty(
     await pull.close()
 
 
-async def test_wait_returns_at_the_first_new_message_and_later_fetches_get_the_rest(
+async def test_wait_returns_at_the_first_new_message_and_leaves_no_request_open(
     nc: Client, stream: None
 ) -> None:
+    js = nc.jetstream()
     pull = PullConsumer(nc, STREAM, DURABLE, expires_s=30.0, heartbeat_s=5.0)
-    waiting = asyncio.create_task(pull.wait(100))
-    await asyncio.sleep(0.2)  # the request is open on the server before anything exists
+    waiting = asyncio.create_task(pull.wait())
+    while (await js.consumer_info(STREAM, DURABLE)).num_waiting == 0:
+        await asyncio.sleep(0.01)  # the request is open on the server before anything exists
     assert not waiting.done()
     await publish(nc, 1)
     assert payloads(await asyncio.wait_for(waiting, 5)) == [0]
-    # Messages delivered on the still-open request are kept for the next fetch, in order.
+    # The request ended with its message: a trickle of messages never piles up requests.
+    assert (await js.consumer_info(STREAM, DURABLE)).num_waiting == 0
     await publish(nc, 9, start=1)
-    got: list = []
-    while len(got) < 9:
-        got += await pull.fetch(100) or await pull.wait(100)
-    assert payloads(got) == list(range(1, 10))
+    assert payloads(await pull.fetch(100)) == list(range(1, 10))
     await pull.close()
 
 
@@ -75,7 +75,7 @@ async def test_heartbeats_keep_an_idle_wait_alive_until_it_expires(
 ) -> None:
     # Without heartbeats, 1 s of silence is more than the 0.4 s stall limit.
     pull = PullConsumer(nc, STREAM, DURABLE, expires_s=1.0, heartbeat_s=0.2)
-    assert await pull.wait(10) == []
+    assert await pull.wait() == []
     await pull.close()
 
 
@@ -88,7 +88,7 @@ async def test_a_silent_server_is_reported_as_stalled(
     os.kill(nats_server.pid, signal.SIGSTOP)
     try:
         with pytest.raises(PullStalled, match="no reply to a pull request"):
-            await pull.wait(10)
+            await pull.wait()
     finally:
         os.kill(nats_server.pid, signal.SIGCONT)
     await pull.close()
