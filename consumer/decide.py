@@ -65,6 +65,8 @@ def classify(subject: str, payload: bytes) -> Counted | Reject:
         return Reject(reason="invalid_event", detail=str(exc))
     except msgspec.DecodeError as exc:
         return Reject(reason="malformed_json", detail=str(exc))
+    except RecursionError:  # msgspec's answer to JSON nested thousands of levels deep
+        return Reject(reason="malformed_json", detail="JSON is nested too deeply")
     # The decoder validated board type and players, so this is a valid key; a subject token
     # equal to it is valid too, and the regexes run only for a message that is rejected.
     config = f"{event.board_type}_{event.num_players}p"

@@ -208,7 +208,11 @@ class Ingest:
                 else contextlib.nullcontext(None)
             )
             with span_cm as span:
-                verdict = classify(msg.subject, msg.data)
+                try:
+                    verdict = classify(msg.subject, msg.data)
+                except Exception as exc:  # a bug must not crash-loop the daemon on one message
+                    log.exception("classifying %s failed", msg.subject)
+                    verdict = Reject(reason="invalid_event", detail=f"could not be read: {exc!r}")
                 if isinstance(verdict, Reject):
                     if span is not None:
                         span.set_status(StatusCode.ERROR, f"rejected: {verdict.reason}")

@@ -13,10 +13,11 @@ import msgspec
 import nats
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from consumer.retry import Retry
 from consumer.store import Outgoing, Store
+from consumer.streams import ensure_streams
 from consumer.telemetry import (
     extract_context,
     inject_headers,
@@ -73,6 +74,10 @@ class Outbox:
                     if stop.is_set():
                         return  # stays in the outbox; published at the next start
                     await retry.pause(stop)
+                    if isinstance(exc, NoStreamResponseError):
+                        # Someone deleted the stream while we ran: put it back.
+                        with contextlib.suppress(nats.errors.Error, APIError):
+                            await ensure_streams(self._js)
                     break
                 retry.reset()
                 await self._store.delete_outbox(row.id)

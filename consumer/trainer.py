@@ -77,7 +77,7 @@ async def follow_exports(
             for msg in fetched:
                 try:
                     event = export_event_decoder.decode(msg.data)
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, RecursionError) as exc:  # deep nesting: the latter
                     # Not ours (someone published junk under npz.export.>): skip it for good
                     # rather than fail on every redelivery.
                     log.warning("skipping %s (stream seq %d): %s", msg.subject,

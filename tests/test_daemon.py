@@ -9,6 +9,7 @@ import numpy as np
 from nats.aio.client import Client
 
 from consumer.embedded import EmbeddedServer
+from schemas import subjects
 from schemas.events import ExportCompleted, ExportFailed, ExportStarted
 from tests.daemon_helpers import (
     collect_dead_letters,
@@ -232,3 +233,20 @@ async def test_an_export_identical_to_the_last_one_says_so(
     # The fake job writes the same bytes each time: the second dataset brings nothing new.
     assert first.sha256 == second.sha256
     assert (first.unchanged, second.unchanged) == (False, True)
+
+
+async def test_an_announcement_stream_deleted_while_running_is_put_back(
+    tmp_path: Path, nats_server: EmbeddedServer, nc: Client
+) -> None:
+    settings = daemon_settings(tmp_path, nats_server.url, min_games_threshold=10)
+    js = nc.jetstream()
+    async with running_daemon(settings):
+        await wait_for_status(nats_server.url, lambda s: s["configs_tracked"] == 0)
+        await js.delete_stream(subjects.EXPORTS_STREAM)
+        await publish_selfplay(nc, 10)
+        await wait_for_status(
+            nats_server.url,
+            lambda s: s["unpublished_events"] == 0 and s["states"]["hex8_2p"]["total_samples"] > 0,
+        )
+    info = await js.stream_info(subjects.EXPORTS_STREAM)
+    assert info.state.messages == 2  # started and complete, published once the stream was back

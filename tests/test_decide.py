@@ -72,6 +72,13 @@ REJECTIONS = [
     pytest.param(SELFPLAY, b'{"event_id": ', "malformed_json", "", id="truncated-json"),
     pytest.param(SELFPLAY, b"\xff\xfe", "malformed_json", "", id="not-utf8"),
     pytest.param(SELFPLAY, b"", "malformed_json", "", id="empty-payload"),
+    pytest.param(
+        SELFPLAY,
+        b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "malformed_json",
+        "nested too deeply",
+        id="deeply-nested-json",
+    ),
     pytest.param(SELFPLAY, b"[1, 2]", "invalid_event", "object", id="json-array-not-object"),
     pytest.param(SELFPLAY, b"null", "invalid_event", "object", id="json-null"),
     pytest.param(SELFPLAY, selfplay(games="25"), "invalid_event", "$.games", id="games-as-string"),

@@ -163,6 +163,8 @@ async def test_junk_under_npz_export_is_skipped_not_fatal(
     good = completed()
     await ensure_streams(nc.jetstream())
     await nc.jetstream().publish("npz.export.complete.hex8_2p", b'{"event": "something else"}')
+    deep = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # msgspec: RecursionError
+    await nc.jetstream().publish("npz.export.complete.hex8_2p", deep)
     await announce(nc, good)
 
     assert await watch(nats_server.url, "--durable", "w2", "--json", "--count", "1") == 0
