@@ -73,6 +73,34 @@ async def daemons_consuming(nc: Client, durable: str) -> list[dict[str, str]]:
         await sub.unsubscribe()
 
 
+def _interest(item: tuple[str, dict[str, Any]]) -> tuple[bool, bool, bool, int, str]:
+    config, st = item
+    return (
+        not st["in_progress"],
+        not st["failures"],
+        not st["paused"],
+        -st["games_pending"],
+        config,
+    )
+
+
+def _fit(body: dict[str, Any], max_payload: int) -> bytes:
+    """The status as one NATS message: with thousands of configs it would exceed the
+    server's max_payload, so the configs that matter most (exporting, failing, paused, most
+    pending) are kept and the rest only counted in ``states_omitted``."""
+    encoded = msgspec.json.encode(body)
+    if len(encoded) <= max_payload:
+        return encoded
+    states, kept = body["states"], {}
+    budget = max_payload - len(msgspec.json.encode({**body, "states": {}})) - 64
+    for config, st in sorted(states.items(), key=_interest):
+        budget -= len(config) + len(msgspec.json.encode(st)) + 4
+        if budget < 0:
+            break
+        kept[config] = st
+    return msgspec.json.encode({**body, "states": kept, "states_omitted": len(states) - len(kept)})
+
+
 async def start(
     nc: Client, store: Store, scheduler: Scheduler, metadata: dict[str, str]
 ) -> Service:
@@ -83,7 +111,7 @@ async def start(
         for config, hold in scheduler.explain(await store.config_states()).items():
             if config in body["states"]:
                 body["states"][config]["held"] = hold.reason
-        await req.respond(msgspec.json.encode(body))
+        await req.respond(_fit(body, nc.max_payload))
 
     async def export_now(req: Request) -> None:
         config = _parse_config(req.data)

@@ -120,6 +120,11 @@ def render_status(status: dict[str, Any]) -> str:
             f"{config:<16} {st['games_pending']:>8} {ago:>12} {st['total_samples']:>10} "
             f"{st['failures']:>4}  {state}"
         )
+    if status.get("states_omitted"):
+        lines.append(
+            f"... and {status['states_omitted']} more configs (a status over NATS must fit in"
+            " one message; `autoexport status --state-db FILE` shows them all)"
+        )
     return "\n".join(lines)
 
 

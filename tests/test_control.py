@@ -237,3 +237,29 @@ async def test_status_without_a_daemon_exits_1_with_one_clear_line(
     assert no_server.returncode == 1
     assert no_server.stderr.startswith("autoexport: cannot connect to NATS at nats://127.0.0.1:1")
     assert len(no_server.stderr.splitlines()) == 1
+
+
+def test_a_status_too_large_for_one_message_keeps_the_configs_that_matter() -> None:
+    from consumer.control import _fit
+    from consumer.operator import render_status
+
+    def state(pending: int, **flags: Any) -> dict[str, Any]:
+        base = {"games_pending": pending, "in_progress": False, "failures": 0, "paused": False,
+                "last_export": None, "total_samples": 0}  # fmt: skip
+        return base | flags
+
+    states = {f"cfg{i}_2p": state(i) for i in range(3000)}
+    states["zfail_2p"] = state(0, failures=2)
+    states["zrun_2p"] = state(0, in_progress=True)
+    body = {"configs_tracked": len(states), "rejected_messages": 0, "states": states}
+
+    encoded = _fit(body, 64 * 1024)
+    fitted = msgspec.json.decode(encoded)
+    assert len(encoded) <= 64 * 1024
+    kept = fitted["states"]
+    assert fitted["states_omitted"] == len(states) - len(kept) > 0
+    # Exporting and failing configs first, then those with the most games pending.
+    assert list(kept)[:3] == ["zrun_2p", "zfail_2p", "cfg2999_2p"]
+    assert "cfg0_2p" not in kept
+    assert f"and {fitted['states_omitted']} more configs" in render_status(fitted)
+    assert _fit(body, 10**9) == msgspec.json.encode(body)  # small enough: unchanged
