@@ -56,7 +56,10 @@ async def request(url: str, subject: str, body: dict[str, Any] | None = None) ->
     except nats.errors.NoRespondersError:
         raise DaemonUnreachable(f"no autoexport daemon answers on {url}") from None
     except nats.errors.TimeoutError:
-        raise DaemonUnreachable(f"the daemon on {url} did not answer in time") from None
+        raise DaemonUnreachable(
+            f"the daemon on {url} did not answer in time (a busy or stopped daemon still"
+            " carries the request out when it gets to it: check with status)"
+        ) from None
     finally:
         await nc.close()
     headers = reply.headers or {}

@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from consumer.cli import main
 
 
 def run_demo(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -38,3 +41,21 @@ def test_the_demo_stops_with_the_reason_when_every_game_is_too_short(tmp_path: P
     out = run_demo(tmp_path, "--game", "tic_tac_toe", "--board-type", "tictactoe")
     assert out.returncode == 1
     assert "npz.export.failed" in out.stdout and "too_short" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--min-games", "0", "0 is less than 1"),
+        ("--simulations", "1", "1 is less than 2"),
+        ("--nodes", "two", "'two' is not an integer"),
+        ("--min-moves", "-1", "-1 is less than 0"),
+    ],
+)
+def test_bad_demo_flags_are_refused_before_anything_starts(
+    flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: {says}" in capsys.readouterr().err
