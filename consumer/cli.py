@@ -31,7 +31,7 @@ def _traced(service: str, run: Callable[[], int]) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a config's games to one .npz dataset")
     p.add_argument("--board-type", required=True)
-    p.add_argument("--num-players", type=_at_least(1), required=True)
+    p.add_argument("--num-players", type=int, required=True)
     p.add_argument("--games-dir", required=True)
     p.add_argument("--output", required=True, help="the .npz file to write (atomically)")
     p.add_argument("--use-cache", action="store_true", help="encode only games not yet cached")
@@ -54,14 +54,12 @@ def _add_selfplay(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--games-dir", required=True)
     p.add_argument("--game", required=True, help="OpenSpiel game string, e.g. tic_tac_toe")
     p.add_argument("--board-type", required=True)
-    p.add_argument("--num-players", type=_at_least(1), required=True)
+    p.add_argument("--num-players", type=int, required=True)
     p.add_argument("--games", type=int, required=True)
-    p.add_argument("--simulations", type=_at_least(2), default=25, help="MCTS simulations per move")
+    p.add_argument("--simulations", type=int, default=25, help="MCTS simulations per move")
     p.add_argument("--node-id", help="default: the host name")
     p.add_argument("--seed", type=int, help="the same seed replays the same games")
-    p.add_argument(
-        "--batch-size", type=_at_least(1), help="games per announced batch (default: all)"
-    )
+    p.add_argument("--batch-size", type=int, help="games per announced batch (default: all)")
     p.add_argument("--db-name", help="store path in the games dir (default: <node-id>.db)")
     p.set_defaults(command=_cmd_selfplay)
 
@@ -87,7 +85,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--games-dir")
     p.add_argument("--output-dir")
     p.add_argument("--state-db")
-    p.add_argument("--min-games", type=_at_least(1), dest="min_games_threshold")
+    p.add_argument("--min-games", type=int, dest="min_games_threshold")
     p.add_argument("--cooldown", type=float, dest="export_cooldown_seconds", metavar="SECONDS")
     p.add_argument("--max-concurrent", type=int, dest="max_concurrent_exports")
     p.add_argument("--export-timeout", type=float, dest="export_timeout_seconds", metavar="SECONDS")
