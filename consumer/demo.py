@@ -84,12 +84,20 @@ async def run_demo(options: DemoOptions) -> int:
         selfplay = asyncio.ensure_future(asyncio.gather(*(node.wait() for node in nodes)))
         await asyncio.wait([trainer, selfplay], timeout=options.timeout_s,
                            return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-        if not trainer.done() and selfplay.done():
+        failed = [(n + 1, node.returncode) for n, node in enumerate(nodes) if node.returncode]
+        if not trainer.done() and selfplay.done() and not failed:
             # Every game is played: what they allow is exported within a short grace.
             await asyncio.wait([trainer], timeout=EXPORT_GRACE_S)
-        await nc.close()
         if not trainer.done():
             trainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
+                await trainer
+        await nc.close()
+        if failed:
+            for n, code in failed:
+                say(f"selfplay node {n} failed with exit code {code} (its error is above)")
+            return 1
+        if trainer.cancelled():
             say(
                 f"selfplay finished but fewer than {options.exports} datasets were announced: "
                 "play more games (--games-per-node) or lower --min-games / --exports"

@@ -59,3 +59,11 @@ def test_bad_demo_flags_are_refused_before_anything_starts(
         main(["demo", flag, value])
     assert info.value.code == 2
     assert f"argument {flag}: {says}" in capsys.readouterr().err
+
+
+def test_a_failing_selfplay_node_ends_the_demo_with_its_error(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--game", "no_such_game")
+    assert result.returncode == 1
+    assert "unknown OpenSpiel game 'no_such_game'" in result.stderr
+    assert "selfplay node 1 failed with exit code" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
