@@ -22,6 +22,7 @@ from consumer.outbox import Outbox
 from consumer.retry import Retry
 from consumer.scheduler import Scheduler
 from consumer.store import Store, StoreError
+from consumer.undelivered import Undelivered
 from schemas.events import utc_from_unix as utc
 from schemas.settings import Settings
 
@@ -107,6 +108,7 @@ async def run_daemon(
         outbox = Outbox(store, js)
         scheduler = Scheduler(settings, store, outbox)
         ingest = Ingest(settings, nc, store, outbox, scheduler)
+        undelivered = Undelivered(settings, nc, store, outbox, scheduler)
         metadata = {
             "durable": settings.durable_name,
             "data_dir": settings.data_dir,
@@ -128,6 +130,7 @@ async def run_daemon(
             asyncio.create_task(ingest.run(stop), name="ingest"),
             asyncio.create_task(scheduler.run(stop), name="scheduler"),
             asyncio.create_task(outbox.run(stop), name="outbox"),
+            asyncio.create_task(undelivered.run(stop), name="undelivered"),
             asyncio.create_task(maintain(store, settings, stop), name="maintenance"),
         ]
         if exit_when_idle:

@@ -169,16 +169,7 @@ class Ingest:
             return msgs
         await committed()
         self.caught_up.set()
-        waiting = asyncio.ensure_future(self._pull.wait())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            stopped = not waiting.done()
-            if stopped:  # messages of the open request are redelivered after ack_wait
-                waiting.cancel()
-        return [] if stopped else waiting.result()
+        return await self._pull.wait(stop)
 
     async def drained(self) -> bool:
         """Nothing left in the consumer: none pending and none awaiting an ack."""
@@ -216,9 +207,12 @@ class Ingest:
                 if isinstance(verdict, Reject):
                     if span is not None:
                         span.set_status(StatusCode.ERROR, f"rejected: {verdict.reason}")
-                    seq = msg.metadata.sequence.stream
+                    meta = msg.metadata
+                    seq = meta.sequence.stream
                     rejected.append(RejectedMessage(msg.subject, seq, verdict, msg.data))
-                    dead.append(self._dead_letter(msg, verdict, now))
+                    dead.append(
+                        dead_letter(msg.subject, seq, meta.num_delivered, msg.data, verdict, now)
+                    )
                     log.warning(
                         "rejected %s (stream seq %d): %s: %s",
                         msg.subject, seq, verdict.reason, verdict.detail,
@@ -248,18 +242,21 @@ class Ingest:
         if added:
             self._scheduler.kick()
 
-    def _dead_letter(self, msg: Msg, reject: Reject, now: float) -> Outgoing:
-        meta = msg.metadata
-        letter = DeadLetter(
-            reason=reject.reason + ": " + reject.detail,
-            subject=msg.subject,
-            stream_seq=meta.sequence.stream,
-            deliveries=meta.num_delivered,
-            payload=msg.data[:4096].decode("utf-8", errors="replace"),
-            timestamp=utc(now),
-        )
-        return outgoing(
-            f"{subjects.DEAD_LETTER}.{reject.reason}",
-            letter,
-            f"dlq:{meta.stream}:{meta.sequence.stream}",
-        )
+
+def dead_letter(
+    subject: str, stream_seq: int, deliveries: int, payload: bytes, reject: Reject, now: float
+) -> Outgoing:
+    """The dead-letter announcement of a rejected message of the events stream."""
+    letter = DeadLetter(
+        reason=reject.reason + ": " + reject.detail,
+        subject=subject,
+        stream_seq=stream_seq,
+        deliveries=deliveries,
+        payload=payload[:4096].decode("utf-8", errors="replace"),
+        timestamp=utc(now),
+    )
+    return outgoing(
+        f"{subjects.DEAD_LETTER}.{reject.reason}",
+        letter,
+        f"dlq:{subjects.EVENTS_STREAM}:{stream_seq}",
+    )

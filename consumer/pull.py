@@ -90,11 +90,27 @@ class PullConsumer:
             await self._until(lambda: len(self._buffer) >= batch, self._expires_s)
         return self._take(batch)
 
-    async def wait(self) -> list[Msg]:
+    async def wait(self, stop: asyncio.Event | None = None) -> list[Msg]:
         """Hold a request open until a message arrives (returned, with any already
-        buffered), or until it expires (returns nothing). The request asks for one message,
-        so it ends with it: the server never holds more than one of ours, however often a
-        trickle of messages wakes the daemon; ``fetch`` then takes whatever followed."""
+        buffered), until it expires, or until ``stop`` is set (both return nothing).
+
+        The request asks for one message, so it ends with it: the server never holds more
+        than one of ours, however often a trickle of messages wakes us; ``fetch`` then
+        takes whatever followed."""
+        if stop is None:
+            return await self._wait()
+        waiting = asyncio.ensure_future(self._wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            stopped = not waiting.done()
+            if stopped:  # a message of the open request comes back after ack_wait
+                waiting.cancel()
+        return [] if stopped else waiting.result()
+
+    async def _wait(self) -> list[Msg]:
         if not self._buffer:
             await self._request(
                 PullRequest(

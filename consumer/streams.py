@@ -46,6 +46,13 @@ STREAMS = (
         max_age=30 * DAY_S,
         duplicate_window=DUPLICATE_WINDOW_S,
     ),
+    StreamConfig(
+        name=subjects.UNDELIVERED_STREAM,
+        description="events JetStream stopped delivering to autoexport (max_deliver reached)",
+        subjects=[f"{subjects.UNDELIVERED_PREFIX}.>"],
+        storage=StorageType.FILE,
+        max_age=30 * DAY_S,
+    ),
 )
 
 

@@ -29,6 +29,11 @@ EXPORTS_STREAM = "NPZ_EXPORTS"
 EXPORTS_SUBJECTS = ("npz.export.>",)
 DEAD_LETTER_STREAM = "AUTOEXPORT_DEADLETTER"
 DEAD_LETTER_SUBJECTS = (f"{DEAD_LETTER}.>",)
+# The server's advisory for a message of the events stream it stopped delivering to a
+# consumer after max_deliver attempts; kept in a stream so none is missed while the daemon
+# is down.
+UNDELIVERED_STREAM = "AUTOEXPORT_UNDELIVERED"
+UNDELIVERED_PREFIX = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{EVENTS_STREAM}"
 
 # Request/reply endpoints of the running daemon (a NATS micro service).
 SERVICE_NAME = "autoexport"

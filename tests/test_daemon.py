@@ -9,6 +9,8 @@ import numpy as np
 from nats.aio.client import Client
 
 from consumer.embedded import EmbeddedServer
+from consumer.ingest import consumer_config
+from consumer.streams import ensure_streams
 from schemas import subjects
 from schemas.events import ExportCompleted, ExportFailed, ExportStarted
 from tests.daemon_helpers import (
@@ -250,3 +252,43 @@ async def test_an_announcement_stream_deleted_while_running_is_put_back(
         )
     info = await js.stream_info(subjects.EXPORTS_STREAM)
     assert info.state.messages == 2  # started and complete, published once the stream was back
+
+
+async def test_an_event_jetstream_gave_up_delivering_is_still_counted(
+    tmp_path: Path, nats_server: EmbeddedServer, nc: Client
+) -> None:
+    # One delivery allowed, acked within 1 s: an event fetched by someone else and never
+    # acked is dropped by the server, which says so only in an advisory.
+    settings = daemon_settings(
+        tmp_path, nats_server.url, min_games_threshold=1000, max_deliver=1, ack_wait_seconds=1.0
+    )
+    js = nc.jetstream()
+    await ensure_streams(js)
+    await js.add_consumer(subjects.EVENTS_STREAM, consumer_config(settings))
+    await publish_selfplay(nc, 7)
+    thief = await js.pull_subscribe_bind(settings.durable_name, subjects.EVENTS_STREAM)
+    (stolen,) = await thief.fetch(1, timeout=5)  # never acked
+    await publish_selfplay(nc, 5)
+    async with running_daemon(settings):
+        st = await wait_for_status(nats_server.url, lambda s: pending(s) == 12)
+    assert st["states"]["hex8_2p"]["total_games"] == 12
+    assert stolen.metadata.num_delivered == 1
+
+
+async def test_an_invalid_event_jetstream_gave_up_delivering_is_dead_lettered(
+    tmp_path: Path, nats_server: EmbeddedServer, nc: Client
+) -> None:
+    settings = daemon_settings(tmp_path, nats_server.url, max_deliver=1, ack_wait_seconds=1.0)
+    js = nc.jetstream()
+    await ensure_streams(js)
+    await js.add_consumer(subjects.EVENTS_STREAM, consumer_config(settings))
+    await js.publish("selfplay.complete.hex8_2p", b"{not json")
+    thief = await js.pull_subscribe_bind(settings.durable_name, subjects.EVENTS_STREAM)
+    await thief.fetch(1, timeout=5)  # never acked
+    dead = await collect_dead_letters(nc)
+    async with running_daemon(settings):
+        letter = await dead.next()
+        st = await wait_for_status(nats_server.url, lambda s: s["rejected_messages"] == 1)
+    assert letter["reason"].startswith("malformed_json")
+    assert letter["subject"] == "selfplay.complete.hex8_2p" and letter["deliveries"] == 1
+    assert st["configs_tracked"] == 0
