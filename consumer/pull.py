@@ -22,6 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+FETCH_SILENCE_S = 1.0  # a no-wait request's answer normally takes milliseconds
 # Conditions that end one pull request but say nothing is wrong with the consumer.
 RETRYABLE_409 = ("Exceeded MaxWaiting", "Leadership Change", "Server Shutdown")
 
@@ -83,11 +84,15 @@ class PullConsumer:
             await sub.unsubscribe()
 
     async def fetch(self, batch: int) -> list[Msg]:
-        """Up to ``batch`` messages that are available now (maybe none)."""
+        """Up to ``batch`` messages that are available now (maybe none).
+
+        The server answers a no-wait request at once, except when the consumer has
+        max_ack_pending messages unacknowledged: then it sends what the limit allows and
+        stays silent. So silence here ends the fetch rather than meaning a dead link (``wait``,
+        with heartbeats, tells those apart); what the request brings later is kept."""
         if len(self._buffer) < batch:
-            # The server answers a no-wait request at once, so silence is a dead link.
             await self._request(PullRequest(batch - len(self._buffer), no_wait=True))
-            await self._until(lambda: len(self._buffer) >= batch, self._expires_s)
+            await self._until(lambda: len(self._buffer) >= batch, FETCH_SILENCE_S, stalled=False)
         return self._take(batch)
 
     async def wait(self, stop: asyncio.Event | None = None) -> list[Msg]:
@@ -131,9 +136,12 @@ class PullConsumer:
         self._current, self._ended = f"{self._inbox}.{self._requests}", None
         await self._nc.publish(self._next_subject, _encode(request), reply=self._current)
 
-    async def _until(self, enough: Callable[[], bool], silence_s: float) -> None:
-        """Wait until ``enough()`` or the current request ended; raise if nothing at all
-        arrives for ``silence_s`` (heartbeats count)."""
+    async def _until(
+        self, enough: Callable[[], bool], silence_s: float, *, stalled: bool = True
+    ) -> None:
+        """Wait until ``enough()`` or the current request ended. If nothing at all arrives
+        for ``silence_s`` (heartbeats count): raise ``PullStalled``, or with ``stalled``
+        false, return."""
         while not enough():
             if self._ended is not None:
                 code, description = self._ended
@@ -144,6 +152,8 @@ class PullConsumer:
             try:
                 await asyncio.wait_for(self._wake.wait(), silence_s)
             except TimeoutError:
+                if not stalled:
+                    return
                 raise PullStalled(
                     f"no reply to a pull request on {self._next_subject} in {silence_s:.0f}s"
                 ) from None

@@ -108,3 +108,27 @@ async def test_a_stream_message_with_a_status_header_is_a_message(nc: Client, st
     pull = PullConsumer(nc, STREAM, DURABLE)
     assert payloads(await pull.fetch(10)) == [7]
     await pull.close()
+
+
+async def test_a_consumer_at_max_ack_pending_is_not_taken_for_a_dead_server(
+    nc: Client, stream: None
+) -> None:
+    js = nc.jetstream()
+    config = ConsumerConfig(durable_name="tight", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=2)
+    await js.add_consumer(STREAM, config)
+    await publish(nc, 5)
+    pull = PullConsumer(nc, STREAM, "tight", expires_s=1.0, heartbeat_s=0.2)
+    first = await pull.fetch(10)  # the server sends 2, then says nothing
+    assert payloads(first) == [0, 1]
+    assert await pull.fetch(10) == []
+    assert await pull.wait() == []  # heartbeats while blocked, then it expires
+    for msg in first:
+        await msg.ack()
+    got: list = []
+    while len(got) < 3:
+        batch = await pull.fetch(10) or await pull.wait()
+        for msg in batch:
+            await msg.ack()
+        got += batch
+    assert payloads(got) == [2, 3, 4]
+    await pull.close()
