@@ -206,32 +206,18 @@ async def run_variant(variant: Variant, workdir: Path) -> list[Figure]:
                 ratios[baseline].append(rate["daemon"] / rate[baseline])
     label = f"{variant.label}: daemon msg/s ({variant.messages:,} msgs)"
 
-    def note(values: list[float]) -> str:
-        return "ratios per rep: " + ", ".join(f"{r:.2f}" for r in values) if len(values) > 1 else ""
+    def versus(baseline: str, baseline_label: str, target: Target | None) -> Figure:
+        reps = ratios[baseline]
+        note = "ratios per rep: " + ", ".join(f"{r:.2f}" for r in reps) if len(reps) > 1 else ""
+        return figure(
+            "ingest", label, statistics.median(rates["daemon"]), "msg/s",
+            baseline=statistics.median(rates[baseline]), baseline_label=baseline_label,
+            ratio=statistics.median(reps), target=target, note=note,
+        )  # fmt: skip
 
-    daemon_rate = statistics.median(rates["daemon"])
     return [
-        figure(
-            "ingest",
-            label,
-            daemon_rate,
-            "msg/s",
-            baseline=statistics.median(rates["bare"]),
-            baseline_label="bare fetch+ack",
-            ratio=statistics.median(ratios["bare"]),
-            target=TARGET,
-            note=note(ratios["bare"]),
-        ),
-        figure(
-            "ingest",
-            label,
-            daemon_rate,
-            "msg/s",
-            baseline=statistics.median(rates["pull"]),
-            baseline_label="bare pull+ack (same transport)",
-            ratio=statistics.median(ratios["pull"]),
-            note=note(ratios["pull"]),
-        ),
+        versus("bare", "bare fetch+ack", TARGET),
+        versus("pull", "bare pull+ack (same transport)", None),
     ]
 
 
