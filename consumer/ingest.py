@@ -28,7 +28,7 @@ from consumer.outbox import Outbox, outgoing
 from consumer.pull import PullConsumer, PullError, PullStalled
 from consumer.retry import Retry
 from consumer.scheduler import Scheduler
-from consumer.store import Outgoing, RejectedMessage, Store
+from consumer.store import Outgoing, RejectedMessage, Store, payload_digest
 from consumer.streams import ensure_streams
 from consumer.telemetry import (
     header_traceparent,
@@ -258,5 +258,5 @@ def dead_letter(
     return outgoing(
         f"{subjects.DEAD_LETTER}.{reject.reason}",
         letter,
-        f"dlq:{subjects.EVENTS_STREAM}:{stream_seq}",
+        f"dlq:{subjects.EVENTS_STREAM}:{stream_seq}:{payload_digest(payload)}",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import sqlite3
 import time
@@ -25,7 +26,7 @@ from consumer.decide import ConfigState, Counted, Reject
 from consumer.locks import try_lock
 from schemas.events import utc_from_unix
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS export_state (
@@ -63,7 +64,8 @@ CREATE TABLE IF NOT EXISTS rejected (
     detail TEXT NOT NULL,
     payload BLOB NOT NULL,
     rejected_at REAL NOT NULL,
-    PRIMARY KEY (subject, stream_seq)
+    digest TEXT NOT NULL,  -- of the payload: a re-created stream reuses sequence numbers
+    PRIMARY KEY (subject, stream_seq, digest)
 );
 CREATE TABLE IF NOT EXISTS exports (
     export_id TEXT PRIMARY KEY,
@@ -104,6 +106,15 @@ CREATE TEMP TABLE IF NOT EXISTS incoming (
 );
 """
 
+# Version 1 keyed rejections by (subject, stream_seq) alone. One transaction: a crash
+# midway leaves a version 1 file.
+MIGRATE_FROM_1 = (
+    "BEGIN; DROP INDEX IF EXISTS rejected_by_age; ALTER TABLE rejected RENAME TO rejected_v1;"
+    + SCHEMA
+    + "INSERT INTO rejected SELECT *, '' FROM rejected_v1; DROP TABLE rejected_v1;"
+    " PRAGMA user_version=2; COMMIT;"
+)
+
 
 class Outgoing(Struct, frozen=True):
     """An event to publish once the transaction that decided it has committed."""
@@ -125,6 +136,16 @@ class RejectedMessage(Struct, frozen=True):
     stream_seq: int
     reject: Reject
     payload: bytes
+
+    @property
+    def digest(self) -> str:
+        return payload_digest(self.payload)
+
+
+def payload_digest(payload: bytes) -> str:
+    """Tells apart two messages at one stream sequence (a deleted and re-created stream
+    starts again at 1) while a redelivery of one message keeps its digest."""
+    return hashlib.blake2b(payload, digest_size=8).hexdigest()
 
 
 class Resumed(Struct, frozen=True, kw_only=True):
@@ -177,14 +198,14 @@ class Store:
                 raise StoreError(f"cannot open state database {path}: {exc}") from None
             raise
         try:
-            await _check_version(db, path)  # before touching a file of another version
+            version = await _check_version(db, path)  # before touching another version
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
             await db.execute("PRAGMA busy_timeout=5000")
             # Checkpoint less often: each batch dirties pages all over the batch-id index,
             # and checkpointing after nearly every commit costs more than the commit.
             await db.execute("PRAGMA wal_autocheckpoint=10000")
-            await db.executescript(SCHEMA)
+            await db.executescript(MIGRATE_FROM_1 if version == 1 else SCHEMA)
             await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (sqlite3.DatabaseError, StoreError) as exc:
             await db.close()
@@ -308,9 +329,17 @@ class Store:
             ) as cur:
                 added = {key: int(games) for key, games in await cur.fetchall()}
             await db.executemany(
-                "INSERT OR IGNORE INTO rejected VALUES (?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO rejected VALUES (?,?,?,?,?,?,?)",
                 [
-                    (r.subject, r.stream_seq, r.reject.reason, r.reject.detail, r.payload, now)
+                    (
+                        r.subject,
+                        r.stream_seq,
+                        r.reject.reason,
+                        r.reject.detail,
+                        r.payload,
+                        now,
+                        r.digest,
+                    )
                     for r in rejected
                 ],
             )
@@ -328,8 +357,8 @@ class Store:
             (
                 "DELETE FROM batches WHERE (config_key, batch_id) IN (SELECT config_key,"
                 " batch_id FROM batches WHERE counted_at < ? LIMIT ?)",
-                "DELETE FROM rejected WHERE (subject, stream_seq) IN (SELECT subject,"
-                " stream_seq FROM rejected WHERE rejected_at < ? LIMIT ?)",
+                "DELETE FROM rejected WHERE rowid IN (SELECT rowid FROM rejected"
+                " WHERE rejected_at < ? LIMIT ?)",
             )
         ):
             while (n := await self._write(sql, (before, chunk))) > 0:
@@ -588,12 +617,13 @@ def _lock_owner(path: Path) -> IO[bytes]:
     return lock
 
 
-async def _check_version(db: aiosqlite.Connection, path: str | Path) -> None:
+async def _check_version(db: aiosqlite.Connection, path: str | Path) -> int:
     async with db.execute("PRAGMA user_version") as cur:
         row = await cur.fetchone()
     version = row[0] if row else 0
-    if version not in (0, SCHEMA_VERSION):
+    if version not in (0, 1, SCHEMA_VERSION):
         raise StoreError(
             f"state database {path} has schema version {version}; this daemon knows "
             f"{SCHEMA_VERSION}"
         )
+    return int(version)

@@ -292,3 +292,22 @@ async def test_an_invalid_event_jetstream_gave_up_delivering_is_dead_lettered(
     assert letter["reason"].startswith("malformed_json")
     assert letter["subject"] == "selfplay.complete.hex8_2p" and letter["deliveries"] == 1
     assert st["configs_tracked"] == 0
+
+
+async def test_rejections_in_a_recreated_events_stream_are_each_recorded(
+    tmp_path: Path, nats_server: EmbeddedServer, nc: Client
+) -> None:
+    # A deleted and re-created stream numbers its messages from 1 again.
+    settings = daemon_settings(tmp_path, nats_server.url)
+    js = nc.jetstream()
+    async with running_daemon(settings):
+        await js.publish("selfplay.complete.hex8_2p", b"{first")
+        await wait_for_status(nats_server.url, lambda s: s["rejected_messages"] == 1)
+        await js.delete_stream(subjects.EVENTS_STREAM)
+        await ensure_streams(js)  # as the next publisher does
+        ack = await js.publish("selfplay.complete.hex8_2p", b"{second")
+        assert ack.seq == 1
+        await wait_for_status(nats_server.url, lambda s: s["rejected_messages"] == 2)
+        await wait_for_status(nats_server.url, lambda s: s["unpublished_events"] == 0)
+    info = await js.stream_info(subjects.DEAD_LETTER_STREAM)
+    assert info.state.messages == 2

@@ -758,3 +758,40 @@ async def test_a_failed_open_says_why_and_leaves_no_worker_thread(
     with pytest.raises(StoreError, match=r"cannot open state database .*state\.db"):
         await (Store.open_readonly(path) if read_only else Store.open(path, owner=True))
     assert set(aiosqlite_threads()) - before == set()
+
+
+async def test_a_rejection_counts_once_per_message_even_where_a_stream_reused_its_seq(
+    store: Store,
+) -> None:
+    first = rejected(7)
+    after_recreate = RejectedMessage(first.subject, 7, first.reject, b"{another")
+    await store.record_messages([], [first], [], now=T0)
+    await store.record_messages([], [first, after_recreate], [], now=T0 + 1)  # a redelivery
+    assert (await store.status(now=T0))["rejected_messages"] == 2
+
+
+V1_REJECTED = """
+CREATE TABLE rejected (
+    subject TEXT NOT NULL, stream_seq INTEGER NOT NULL, reason TEXT NOT NULL,
+    detail TEXT NOT NULL, payload BLOB NOT NULL, rejected_at REAL NOT NULL,
+    PRIMARY KEY (subject, stream_seq)
+);
+CREATE INDEX rejected_by_age ON rejected (rejected_at);
+INSERT INTO rejected VALUES ('selfplay.complete.hex8_2p', 3, 'malformed_json', 'bad', x'00', 1.0);
+PRAGMA user_version=1;
+"""
+
+
+async def test_a_version_1_file_is_migrated_keeping_its_rejections(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_REJECTED)
+    conn.close()
+    async with await Store.open(path) as opened:
+        await opened.record_messages([], [rejected(3)], [], now=T0)  # same seq, new identity
+        assert (await opened.status(now=T0))["rejected_by_reason"] == {"malformed_json": 2}
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    conn.close()
+    assert "rejected_by_age" in indexes
