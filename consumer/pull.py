@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 FETCH_SILENCE_S = 1.0  # a no-wait request's answer normally takes milliseconds
+FETCH_SETTLE_S = 0.05  # a pause this long within an answer: the server holds the rest back
 # Conditions that end one pull request but say nothing is wrong with the consumer.
 RETRYABLE_409 = ("Exceeded MaxWaiting", "Leadership Change", "Server Shutdown")
 
@@ -91,8 +92,15 @@ class PullConsumer:
         stays silent. So silence here ends the fetch rather than meaning a dead link (``wait``,
         with heartbeats, tells those apart); what the request brings later is kept."""
         if len(self._buffer) < batch:
-            await self._request(PullRequest(batch - len(self._buffer), no_wait=True))
-            await self._until(lambda: len(self._buffer) >= batch, FETCH_SILENCE_S, stalled=False)
+            had = len(self._buffer)
+            await self._request(PullRequest(batch - had, no_wait=True))
+            # Messages of one answer arrive back to back: a pause after some means the
+            # server is holding the rest back, so take those rather than wait.
+            await self._until(
+                lambda: len(self._buffer) >= batch,
+                lambda: FETCH_SETTLE_S if len(self._buffer) > had else FETCH_SILENCE_S,
+                stalled=False,
+            )
         return self._take(batch)
 
     async def wait(self, stop: asyncio.Event | None = None) -> list[Msg]:
@@ -137,7 +145,11 @@ class PullConsumer:
         await self._nc.publish(self._next_subject, _encode(request), reply=self._current)
 
     async def _until(
-        self, enough: Callable[[], bool], silence_s: float, *, stalled: bool = True
+        self,
+        enough: Callable[[], bool],
+        silence_s: float | Callable[[], float],
+        *,
+        stalled: bool = True,
     ) -> None:
         """Wait until ``enough()`` or the current request ended. If nothing at all arrives
         for ``silence_s`` (heartbeats count): raise ``PullStalled``, or with ``stalled``
@@ -149,13 +161,14 @@ class PullConsumer:
                     return
                 raise PullError(code, description)
             self._wake.clear()
+            limit = silence_s() if callable(silence_s) else silence_s
             try:
-                await asyncio.wait_for(self._wake.wait(), silence_s)
+                await asyncio.wait_for(self._wake.wait(), limit)
             except TimeoutError:
                 if not stalled:
                     return
                 raise PullStalled(
-                    f"no reply to a pull request on {self._next_subject} in {silence_s:.0f}s"
+                    f"no reply to a pull request on {self._next_subject} in {limit:.0f}s"
                 ) from None
 
     def _take(self, batch: int) -> list[Msg]:
