@@ -29,12 +29,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: subjects and payload fields come from
+    anyone who can publish, and must not move a terminal's cursor or forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per message; a traceback, if any, follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from consumer.logs import printable
 from consumer.streams import ensure_streams
 from consumer.telemetry import process_span
 from schemas import subjects
@@ -41,6 +42,18 @@ CONNECT_TIMEOUT_S = 10.0
 
 class DatasetMismatch(RuntimeError):
     """The file on disk is not the one the completion event announced."""
+
+
+_STAGE_PREFIX = {
+    ExportStarted: subjects.EXPORT_STARTED,
+    ExportCompleted: subjects.EXPORT_COMPLETE,
+    ExportFailed: subjects.EXPORT_FAILED,
+}
+
+
+def announced_on(event: ExportEvent) -> str:
+    """The subject the daemon publishes ``event`` on."""
+    return subjects.subject_for(_STAGE_PREFIX[type(event)], event.config)
 
 
 async def follow_exports(
@@ -77,10 +90,12 @@ async def follow_exports(
             for msg in fetched:
                 try:
                     event = export_event_decoder.decode(msg.data)
-                except (msgspec.DecodeError, RecursionError) as exc:  # deep nesting: the latter
-                    # Not ours (someone published junk under npz.export.>): skip it for good
-                    # rather than fail on every redelivery.
-                    log.warning("skipping %s (stream seq %d): %s", msg.subject,
+                    if msg.subject != announced_on(event):
+                        raise ValueError(f"the payload belongs on {announced_on(event)!r}")
+                except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+                    # Not ours (someone published junk under npz.export.>; RecursionError: JSON
+                    # nested too deeply): skip it for good rather than fail on every redelivery.
+                    log.warning("skipping %a (stream seq %d): %s", msg.subject,
                                 msg.metadata.sequence.stream, exc)  # fmt: skip
                     await msg.term()
                     continue
@@ -159,7 +174,7 @@ def describe_event(event: ExportEvent) -> str:
                 f"FAILED    {how}, {event.consecutive_failures} in a row, retry at"
                 f" {event.retry_at.isoformat(timespec='seconds')}: {error}"
             )
-    return f"{when}  {event.config:<12} {what}  [{event.export_id}]"
+    return printable(f"{when}  {event.config:<12} {what}  [{event.export_id}]")
 
 
 async def watch_exports(

@@ -165,6 +165,10 @@ async def test_junk_under_npz_export_is_skipped_not_fatal(
     await nc.jetstream().publish("npz.export.complete.hex8_2p", b'{"event": "something else"}')
     deep = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # msgspec: RecursionError
     await nc.jetstream().publish("npz.export.complete.hex8_2p", deep)
+    # A well-formed event on another config's (or stage's) subject is not that config's.
+    elsewhere = encoder.encode(completed(config="go9_2p"))
+    await nc.jetstream().publish("npz.export.complete.hex8_2p", elsewhere)
+    await nc.jetstream().publish("npz.export.started.go9_2p", elsewhere)
     await announce(nc, good)
 
     assert await watch(nats_server.url, "--durable", "w2", "--json", "--count", "1") == 0
@@ -197,3 +201,12 @@ async def test_bad_config_and_unreachable_server_exit_non_zero(
     monkeypatch.setattr(trainer, "CONNECT_TIMEOUT_S", 0.5)
     assert await watch("nats://127.0.0.1:1", "--count", "1") == 1
     assert "cannot reach NATS at nats://127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_control_characters_in_an_event_cannot_forge_watch_output() -> None:
+    event = completed()
+    event.export_id = "e\x1b[31mRED\x1b[0m\nFAKE LINE"
+    event.output_path = "/srv/x.npz\rOVERWRITE"
+    line = trainer.describe_event(event)
+    assert "\x1b" not in line and "\n" not in line and "\r" not in line
+    assert "\\x1b[31mRED" in line and "\\nFAKE LINE" in line and "\\rOVERWRITE" in line
