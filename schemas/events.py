@@ -85,6 +85,12 @@ class DataSyncCompleted(Struct, kw_only=True):
     def __post_init__(self) -> None:
         if (self.batches is None) == (self.games_synced is None):
             raise ValueError("exactly one of `batches` or `games_synced` is required")
+        if self.batches is not None:
+            total = sum(b.games for b in self.batches)
+            if total > MAX_GAMES_PER_EVENT:
+                raise ValueError(
+                    f"batches add up to {total} games, more than {MAX_GAMES_PER_EVENT} per event"
+                )
 
     @property
     def config(self) -> str:

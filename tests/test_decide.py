@@ -322,6 +322,13 @@ REJECTIONS = [
     ),
     pytest.param(
         SYNC,
+        sync(batches=[{"batch_id": f"b{i}", "games": 1_000_000} for i in range(3)]),
+        "invalid_event",
+        "add up to 3000000 games",
+        id="sync-batches-add-up-to-an-absurd-count",
+    ),
+    pytest.param(
+        SYNC,
         sync(batches=[{"batch_id": "b1", "games": -3}]),
         "invalid_event",
         "$.batches[0].games",
