@@ -182,5 +182,7 @@ class PullConsumer:
             headers = msg.headers or {}
             code = int(headers.get("Status", "0") or 0)
             if code != 100:  # heartbeats only show the link is alive
-                self._ended = (code, headers.get("Description", ""))
+                # A 503 has no description: nats-py puts the next header line there.
+                description = headers.get("Description", "").strip().split("\r\n", 1)[0]
+                self._ended = (code, "No Responders" if code == 503 else description)
         self._wake.set()

@@ -100,6 +100,7 @@ async def test_a_deleted_consumer_is_an_error_not_an_empty_batch(nc: Client, str
     with pytest.raises(PullError) as info:
         await pull.fetch(10)
     assert info.value.code == 503  # no responders: nothing serves that consumer's requests
+    assert str(info.value) == "pull answered 503 No Responders"
     await pull.close()
 
 
