@@ -130,7 +130,7 @@ async def run_daemon(
             asyncio.create_task(ingest.run(stop), name="ingest"),
             asyncio.create_task(scheduler.run(stop), name="scheduler"),
             asyncio.create_task(outbox.run(stop), name="outbox"),
-            asyncio.create_task(undelivered.run(stop), name="undelivered"),
+            asyncio.create_task(undelivered.run(stop, ingest.provisioned), name="undelivered"),
             asyncio.create_task(maintain(store, settings, stop), name="maintenance"),
         ]
         if exit_when_idle:

@@ -96,6 +96,7 @@ class Ingest:
         self._store, self._outbox, self._scheduler = store, outbox, scheduler
         self._pull: PullConsumer | None = None
         self.caught_up = asyncio.Event()  # the last fetch found nothing pending
+        self.provisioned = asyncio.Event()  # the streams and the consumer exist
 
     async def provision(self) -> None:
         """Create or update the streams and the consumer (binding alone would ignore a
@@ -105,6 +106,7 @@ class Ingest:
         pull = PullConsumer(self._nc, subjects.EVENTS_STREAM, self._settings.durable_name)
         await pull.start()
         self._pull = pull
+        self.provisioned.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch, classify, and commit; batch N commits (on aiosqlite's thread) while batch

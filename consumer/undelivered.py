@@ -54,7 +54,16 @@ class Undelivered:
         self._store, self._outbox, self._scheduler = store, outbox, scheduler
         self._pull: PullConsumer | None = None
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, streams_ready: asyncio.Event) -> None:
+        """Read advisories until ``stop``; starts once ``streams_ready`` (ingest creates
+        every stream at start, and two creators would race)."""
+        ready, stopping = (
+            asyncio.ensure_future(streams_ready.wait()),
+            asyncio.ensure_future(stop.wait()),
+        )
+        await asyncio.wait((ready, stopping), return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
         retry = Retry()
         while not stop.is_set():
             try:
@@ -73,18 +82,19 @@ class Undelivered:
         await self._unsubscribe()
 
     async def _subscribe(self) -> PullConsumer:
-        await ensure_streams(self._js)
         durable = f"{self._durable}-undelivered"
-        await self._js.add_consumer(
-            subjects.UNDELIVERED_STREAM,
-            ConsumerConfig(
-                durable_name=durable,
-                description="autoexport: events the server stopped delivering to the daemon",
-                filter_subject=f"{subjects.UNDELIVERED_PREFIX}.{self._durable}",
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-            ),
+        config = ConsumerConfig(
+            durable_name=durable,
+            description="autoexport: events the server stopped delivering to the daemon",
+            filter_subject=f"{subjects.UNDELIVERED_PREFIX}.{self._durable}",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
         )
+        try:
+            await self._js.add_consumer(subjects.UNDELIVERED_STREAM, config)
+        except NotFoundError:  # the stream was deleted (ingest creates them all at start)
+            await ensure_streams(self._js)
+            await self._js.add_consumer(subjects.UNDELIVERED_STREAM, config)
         pull = PullConsumer(self._nc, subjects.UNDELIVERED_STREAM, durable)
         await pull.start()
         return pull
