@@ -10,6 +10,7 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _traced(service: str, run: Callable[[], int]) -> int:
@@ -303,7 +304,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole loop on this machine: nodes, daemon, trainer")
     p.add_argument("--data-dir", help="default: a new temporary directory")
     p.add_argument("--game", default="connect_four", help="OpenSpiel game string")
-    p.add_argument("--board-type", default="connectfour")
+    p.add_argument("--board-type", help="default: the game's name in [a-z0-9]")
     p.add_argument("--num-players", type=_at_least(1), default=2)
     p.add_argument("--nodes", type=_at_least(1), default=2)
     p.add_argument("--games-per-node", type=_at_least(1), default=30)
@@ -323,7 +324,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from consumer.demo import DemoOptions, demo_main
     from consumer.logs import setup_logging
+    from schemas.subjects import InvalidConfigKey, config_key
 
+    if args.board_type is None:  # chess -> chess, tic_tac_toe -> tictactoe
+        args.board_type = re.sub(r"[^a-z0-9]", "", args.game.split("(")[0].lower()) or "game"
+    try:
+        config_key(args.board_type, args.num_players)
+        if args.data_dir is not None:
+            Path(args.data_dir).mkdir(parents=True, exist_ok=True)
+    except (InvalidConfigKey, OSError) as exc:
+        print(f"autoexport demo: {exc}", file=sys.stderr)
+        return 2
     setup_logging("INFO")
     fields = {k: v for k, v in vars(args).items() if k in DemoOptions.__struct_fields__}
     return demo_main(DemoOptions(**fields))

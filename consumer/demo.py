@@ -32,7 +32,7 @@ EXPORT_GRACE_S = 30.0
 class DemoOptions(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: str | None = None  # default: a new temporary directory
     game: str = "connect_four"
-    board_type: str = "connectfour"
+    board_type: str = "connectfour"  # the CLI derives it from ``game`` unless given
     num_players: int = 2
     nodes: int = 2
     games_per_node: int = 30
@@ -82,22 +82,28 @@ async def run_demo(options: DemoOptions) -> int:
         for n in range(options.nodes):
             nodes.append(await _start_node(options, url, settings.games_dir or "", n))
         selfplay = asyncio.ensure_future(asyncio.gather(*(node.wait() for node in nodes)))
-        await asyncio.wait([trainer, selfplay], timeout=options.timeout_s,
+        await asyncio.wait([trainer, selfplay, daemon], timeout=options.timeout_s,
                            return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        stopped = daemon.done()  # it refused to start (its error is above) or failed
         failed = [(n + 1, node.returncode) for n, node in enumerate(nodes) if node.returncode]
-        if not trainer.done() and selfplay.done() and not failed:
+        if not trainer.done() and selfplay.done() and not failed and not stopped:
             # Every game is played: what they allow is exported within a short grace.
             await asyncio.wait([trainer], timeout=EXPORT_GRACE_S)
-        if not trainer.done():
-            trainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
-                await trainer
+        gave_up = not trainer.done()
+        # Closing the connection ends the trainer's fetch: nats-py's fetch can swallow a
+        # cancellation that arrives while it waits.
         await nc.close()
+        trainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
+            await trainer
+        if stopped:
+            say("the daemon stopped; nothing more can be exported")
+            return 1
         if failed:
             for n, code in failed:
                 say(f"selfplay node {n} failed with exit code {code} (its error is above)")
             return 1
-        if trainer.cancelled():
+        if gave_up:
             say(
                 f"selfplay finished but fewer than {options.exports} datasets were announced: "
                 "play more games (--games-per-node) or lower --min-games / --exports"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from consumer.cli import main
+from consumer.store import Store
 
 
 def run_demo(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -67,3 +69,35 @@ def test_a_failing_selfplay_node_ends_the_demo_with_its_error(tmp_path: Path) ->
     assert "unknown OpenSpiel game 'no_such_game'" in result.stderr
     assert "selfplay node 1 failed with exit code" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--board-type", "BAD"], "board type 'BAD' must be"),
+        (["--num-players", "17"], "num_players 17 must be between 1 and 16"),
+        (["--data-dir", "/proc/no/such"], "No such file or directory"),
+    ],
+)
+def test_a_bad_config_or_data_dir_is_one_line_and_exit_2(
+    flags: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoexport demo: ") and says in err and "Traceback" not in err
+
+
+async def test_the_demo_stops_when_its_daemon_cannot_start(tmp_path: Path) -> None:
+    # Another daemon owns the state file in this data directory.
+    async with await Store.open(tmp_path / "export_daemon_state.db", owner=True):
+        result = await asyncio.to_thread(run_demo, tmp_path)
+    assert result.returncode == 1
+    assert "in use by another autoexport daemon" in result.stderr
+    assert "the daemon stopped" in result.stdout
+    assert "fewer than" not in result.stdout
+
+
+def test_the_board_type_follows_the_game(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--game", "tic_tac_toe", "--min-moves", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "training" / "tictactoe_2p.npz").is_file()
