@@ -263,3 +263,22 @@ def test_a_status_too_large_for_one_message_keeps_the_configs_that_matter() -> N
     assert "cfg0_2p" not in kept
     assert f"and {fitted['states_omitted']} more configs" in render_status(fitted)
     assert _fit(body, 10**9) == msgspec.json.encode(body)  # small enough: unchanged
+
+
+async def test_status_piped_into_a_reader_that_stops_early_is_not_an_error(tmp_path: Path) -> None:
+    from consumer.decide import Counted
+    from consumer.store import Store
+
+    db = tmp_path / "state.db"
+    async with await Store.open(db) as store:
+
+        def one(i: int) -> Counted:
+            return Counted(config=f"b{i}_2p", board_type=f"b{i}", num_players=2,
+                           event_id=f"e{i}", source="n", batches=((f"x{i}", 1),))  # fmt: skip
+
+        counted = [one(i) for i in range(20_000)]
+        await store.record_messages(counted, [], [], now=1.0)
+    pipeline = f"{sys.executable} -m consumer.cli status --state-db {db} | head -n 1"
+    result = subprocess.run(pipeline, shell=True, capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith("configs tracked: 20000")
+    assert result.stderr == ""
