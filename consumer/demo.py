@@ -82,6 +82,8 @@ async def run_demo(options: DemoOptions) -> int:
         for n in range(options.nodes):
             nodes.append(await _start_node(options, url, settings.games_dir or "", n))
         selfplay = asyncio.ensure_future(asyncio.gather(*(node.wait() for node in nodes)))
+        # Ctrl-C cancels the waits it gathers: take note, or asyncio logs a traceback.
+        selfplay.add_done_callback(lambda f: f.cancelled() or f.exception())
         await asyncio.wait([trainer, selfplay, daemon], timeout=options.timeout_s,
                            return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         stopped = daemon.done()  # it refused to start (its error is above) or failed

@@ -136,8 +136,8 @@ class Ingest:
                 # re-provision, pausing longer each time.
                 log.warning(
                     "JetStream unavailable (%s): no JetStream on the server, the stream or"
-                    " consumer was deleted, or the server stopped answering;"
-                    " re-provisioning in %.1fs",
+                    " consumer was deleted, or the server stopped answering (or this process"
+                    " was paused); re-provisioning in %.1fs",
                     _describe(exc),
                     retry.next_s,
                 )
