@@ -16,6 +16,7 @@ from schemas.events import (
     MAX_EVENT_BYTES,
     DataSyncCompleted,
     SelfplayCompleted,
+    decode,
     selfplay_decoder,
     sync_decoder,
 )
@@ -60,13 +61,11 @@ def classify(subject: str, payload: bytes) -> Counted | Reject:
     else:
         return Reject(reason="unknown_subject", detail=f"no handler for subject {subject!r}")
     try:
-        event = decoder.decode(payload)
+        event = decode(decoder, payload)
     except msgspec.ValidationError as exc:
         return Reject(reason="invalid_event", detail=str(exc))
     except msgspec.DecodeError as exc:
         return Reject(reason="malformed_json", detail=str(exc))
-    except RecursionError:  # msgspec's answer to JSON nested thousands of levels deep
-        return Reject(reason="malformed_json", detail="JSON is nested too deeply")
     # The decoder validated board type and players, so this is a valid key; a subject token
     # equal to it is valid too, and the regexes run only for a message that is rejected.
     config = f"{event.board_type}_{event.num_players}p"

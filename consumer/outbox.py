@@ -23,9 +23,7 @@ from consumer.telemetry import (
     inject_headers,
     publish_span,
 )
-from schemas.events import (
-    encoder,
-)
+from schemas.events import ExportEvent, encoder, subject_of
 
 log = logging.getLogger("autoexport")
 
@@ -86,3 +84,11 @@ class Outbox:
 def outgoing(subject: str, event: msgspec.Struct, msg_id: str) -> Outgoing:
     headers = inject_headers({"Nats-Msg-Id": msg_id})
     return Outgoing(subject, encoder.encode(event), headers)
+
+
+def announcement(event: ExportEvent) -> Outgoing:
+    """An export event on its subject. Its message id (export id and stage) makes the stream
+    drop a second publish of the same announcement."""
+    subject = subject_of(event)
+    stage = subject.split(".")[2]  # npz.export.<stage>.<config>
+    return outgoing(subject, event, f"{event.export_id}:{stage}")

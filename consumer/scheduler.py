@@ -32,7 +32,7 @@ from consumer.jobs import (
     process_identity,
     run_job,
 )
-from consumer.outbox import Outbox, outgoing
+from consumer.outbox import Outbox, announcement
 from consumer.store import Store
 from consumer.telemetry import (
     extract_context,
@@ -201,11 +201,7 @@ class Scheduler:
                     start.games_pending,
                     start.forced,
                     traceparent_of(),
-                    outgoing(
-                        subjects.subject_for(subjects.EXPORT_STARTED, config),
-                        started,
-                        f"{export_id}:started",
-                    ),
+                    announcement(started),
                     now,
                 )
                 self._outbox.notify()
@@ -296,11 +292,7 @@ class Scheduler:
             samples=valid.samples,
             games_exported=valid.games,
             sha256=valid.sha256,
-            announce=outgoing(
-                subjects.subject_for(subjects.EXPORT_COMPLETE, config),
-                complete,
-                f"{export_id}:complete",
-            ),
+            announce=announcement(complete),
             now=now,
         )
         self._outbox.notify()
@@ -347,9 +339,7 @@ class Scheduler:
             error=error,
             exit_code=exit_code,
             backoff_until=retry_at,
-            announce=outgoing(
-                subjects.subject_for(subjects.EXPORT_FAILED, config), failed, f"{export_id}:failed"
-            ),
+            announce=announcement(failed),
             now=now,
         )
         self._outbox.notify()

@@ -31,8 +31,10 @@ from schemas.events import (
     ExportEvent,
     ExportFailed,
     ExportStarted,
+    decode,
     encoder,
     export_event_decoder,
+    subject_of,
 )
 
 log = logging.getLogger(__name__)
@@ -42,18 +44,6 @@ CONNECT_TIMEOUT_S = 10.0
 
 class DatasetMismatch(RuntimeError):
     """The file on disk is not the one the completion event announced."""
-
-
-_STAGE_PREFIX = {
-    ExportStarted: subjects.EXPORT_STARTED,
-    ExportCompleted: subjects.EXPORT_COMPLETE,
-    ExportFailed: subjects.EXPORT_FAILED,
-}
-
-
-def announced_on(event: ExportEvent) -> str:
-    """The subject the daemon publishes ``event`` on."""
-    return subjects.subject_for(_STAGE_PREFIX[type(event)], event.config)
 
 
 async def follow_exports(
@@ -89,12 +79,12 @@ async def follow_exports(
                 continue
             for msg in fetched:
                 try:
-                    event = export_event_decoder.decode(msg.data)
-                    if msg.subject != announced_on(event):
-                        raise ValueError(f"the payload belongs on {announced_on(event)!r}")
-                except (msgspec.DecodeError, RecursionError, ValueError) as exc:
-                    # Not ours (someone published junk under npz.export.>; RecursionError: JSON
-                    # nested too deeply): skip it for good rather than fail on every redelivery.
+                    event = decode(export_event_decoder, msg.data)
+                    if msg.subject != (belongs := subject_of(event)):
+                        raise ValueError(f"the payload belongs on {belongs!r}")
+                except (msgspec.DecodeError, ValueError) as exc:
+                    # Not ours (someone published junk under npz.export.>): skip it for good
+                    # rather than fail on every redelivery.
                     log.warning("skipping %a (stream seq %d): %s", msg.subject,
                                 msg.metadata.sequence.stream, exc)  # fmt: skip
                     await msg.term()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import posixpath
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
 
+from schemas import subjects
 from schemas.subjects import BOARD_TYPE_PATTERN, MAX_PLAYERS, config_key
 
 MAX_GAMES_PER_EVENT = 1_000_000
@@ -142,6 +143,17 @@ class ExportFailed(Struct, kw_only=True, tag_field="event", tag="npz_export_fail
 
 ExportEvent = ExportStarted | ExportCompleted | ExportFailed
 
+_EXPORT_SUBJECTS = {
+    ExportStarted: subjects.EXPORT_STARTED,
+    ExportCompleted: subjects.EXPORT_COMPLETE,
+    ExportFailed: subjects.EXPORT_FAILED,
+}
+
+
+def subject_of(event: ExportEvent) -> str:
+    """Where ``event`` is announced: ``npz.export.<started|complete|failed>.<config>``."""
+    return subjects.subject_for(_EXPORT_SUBJECTS[type(event)], event.config)
+
 
 class DeadLetter(Struct, kw_only=True, tag_field="event", tag="dead_letter"):
     """A rejected inbound message, republished with the reason."""
@@ -158,6 +170,17 @@ selfplay_decoder = msgspec.json.Decoder(SelfplayCompleted)
 sync_decoder = msgspec.json.Decoder(DataSyncCompleted)
 export_event_decoder = msgspec.json.Decoder(ExportEvent)
 encoder = msgspec.json.Encoder()
+
+T = TypeVar("T")
+
+
+def decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
+    """``decoder.decode(data)``, where JSON nested too deeply for msgspec (which then raises
+    ``RecursionError``) is a ``msgspec.DecodeError`` like any other malformed JSON."""
+    try:
+        return decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is nested too deeply") from None
 
 
 def utc_from_unix(ts: float) -> datetime:
