@@ -22,6 +22,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from consumer.retry import unless_stopped
+
 FETCH_SILENCE_S = 1.0  # a no-wait request's answer normally takes milliseconds
 FETCH_SETTLE_S = 0.05  # a pause this long within an answer: the server holds the rest back
 # Conditions that end one pull request but say nothing is wrong with the consumer.
@@ -112,16 +114,8 @@ class PullConsumer:
         takes whatever followed."""
         if stop is None:
             return await self._wait()
-        waiting = asyncio.ensure_future(self._wait())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait((waiting, stopping), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            stopped = not waiting.done()
-            if stopped:  # a message of the open request comes back after ack_wait
-                waiting.cancel()
-        return [] if stopped else waiting.result()
+        # Stopped: a message of the open request comes back after ack_wait.
+        return await unless_stopped(self._wait(), stop) or []
 
     async def _wait(self) -> list[Msg]:
         if not self._buffer:

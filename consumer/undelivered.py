@@ -23,7 +23,7 @@ from consumer.decide import Reject, classify
 from consumer.ingest import dead_letter
 from consumer.outbox import Outbox
 from consumer.pull import PullConsumer, PullError, PullStalled
-from consumer.retry import Retry
+from consumer.retry import Retry, unless_stopped
 from consumer.scheduler import Scheduler
 from consumer.store import RejectedMessage, Store
 from consumer.streams import ensure_streams
@@ -57,13 +57,7 @@ class Undelivered:
     async def run(self, stop: asyncio.Event, streams_ready: asyncio.Event) -> None:
         """Read advisories until ``stop``; starts once ``streams_ready`` (ingest creates
         every stream at start, and two creators would race)."""
-        ready, stopping = (
-            asyncio.ensure_future(streams_ready.wait()),
-            asyncio.ensure_future(stop.wait()),
-        )
-        await asyncio.wait((ready, stopping), return_when=asyncio.FIRST_COMPLETED)
-        ready.cancel()
-        stopping.cancel()
+        await unless_stopped(streams_ready.wait(), stop)
         retry = Retry()
         while not stop.is_set():
             try:
